@@ -23,6 +23,9 @@ out = Console(highlight=False)
 NUMERIC_ARGS = {"ignore_unknown_options": True}
 
 
+EXAMPLE_NAMES = ("makemore-naive", "makemore-fixed", "deep-tanh-unscaled", "deep-tanh-batchnorm")
+
+
 class BadInput(Exception):
     """Raised by commands for input they cannot accept; main() prints it as one line, exit 2."""
 
@@ -105,6 +108,117 @@ def tanh(x: str, as_json: bool) -> None:
         f"local derivative 1 - tanh^2 = {result.local_derivative:.4f}: the unit passes back "
         f"{100 * result.fraction_passed:.1f}% of the gradient it receives"
     )
+
+
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def _load_target(target: str) -> tuple[Any, ...]:
+    """Import FILE.py and call FUNC() for `nnvitals check FILE.py:FUNC`."""
+    import importlib.util
+    from pathlib import Path
+
+    path_text, sep, func_name = target.rpartition(":")
+    if not sep or not path_text or not func_name:
+        raise BadInput(f"expected FILE.py:FUNC, got {target!r}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise BadInput(f"no such file: {path_text}")
+    spec = importlib.util.spec_from_file_location(f"nnvitals_target_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise BadInput(f"{path_text} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise BadInput(f"{path_text} failed to import: {type(e).__name__}: {e}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise BadInput(f"{path_text} has no function {func_name!r}")
+    try:
+        result = func()
+    except Exception as e:
+        raise BadInput(f"{func_name}() raised {type(e).__name__}: {e}") from None
+    if not isinstance(result, tuple) or len(result) not in (3, 4):
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise BadInput(f"{func_name}() must return (model, inputs, targets) or (model, inputs, targets, loss_fn), "
+                       f"got {got}")
+    return result
+
+
+@app.command()
+@click.argument("target", required=False, metavar="FILE.py:FUNC")
+@click.option("--example", type=click.Choice(list(EXAMPLE_NAMES)), help="Run a built-in example instead.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), help="Write the pictures (PNG) here.")
+@click.option("--lr", "lr_text", metavar="LR", help="Learning rate, to judge the update-to-data ratio (plain SGD).")
+@click.option("--trained", is_flag=True, help="The model is already trained: do not judge the starting loss.")
+@AS_JSON
+def check(target: str | None, example: str | None, plots_dir: str | None, lr_text: str | None, trained: bool,
+          as_json: bool) -> int:
+    """Diagnose a model from one batch: FUNC() returns (model, inputs, targets[, loss_fn]).
+
+    Exits 0 when there is no warning or error, 1 when there is, 2 for bad input.
+    """
+    import torch
+
+    import nnvitals
+    from nnvitals.examples import EXAMPLES
+
+    if (target is None) == (example is None):
+        raise BadInput("give either FILE.py:FUNC or --example NAME "
+                       f"(examples: {', '.join(EXAMPLE_NAMES)})")
+    lr = None
+    if lr_text is not None:
+        lr = _number(lr_text, "the learning rate")
+        if lr <= 0:
+            raise BadInput(f"the learning rate must be positive, got {lr_text}")
+    parts = EXAMPLES[example]() if example else _load_target(target or "")
+    model, inputs, targets = parts[:3]
+    loss_fn = parts[3] if len(parts) == 4 else None
+    if not isinstance(model, torch.nn.Module):
+        raise BadInput(f"the first value returned must be a torch.nn.Module, got {type(model).__name__}")
+    try:
+        report = nnvitals.check(model, inputs, targets, loss_fn, lr=lr, at_init=not trained)
+    except Exception as e:
+        raise BadInput(f"the model or its loss raised {type(e).__name__} during the check: {e}") from None
+    plots = report.save_plots(plots_dir) if plots_dir else []
+    if as_json:
+        data = report.to_dict()
+        data["plots"] = [str(p) for p in plots]
+        sys.stdout.write(report.to_json() if not plots else json.dumps(data, indent=2, default=str) + "\n")
+        if not plots:
+            sys.stdout.write("\n")
+    else:
+        _print_report(report, example or target or "")
+        for p in plots:
+            out.print(f"picture: {p}")
+    return 0 if report.ok else 1
+
+
+def _print_report(report: Any, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"nnvitals check: {title}", title_justify="left")
+    for col in ("layer", "op", "mean", "std", "saturated", "dead", "grad std"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for lay in report.layers:
+        table.add_row(
+            lay.name, lay.op, f"{lay.mean:+.3f}", f"{lay.std:.3f}",
+            "" if lay.saturated is None else f"{100 * lay.saturated:.1f}%",
+            "" if lay.dead is None else f"{lay.dead}/{lay.units}",
+            "" if lay.grad_std is None else f"{lay.grad_std:.2e}")
+    out.print(table)
+    if report.loss is not None:
+        base = f" (uniform baseline {report.baseline:.2f} for {report.classes} classes)" if report.baseline else ""
+        out.print(f"loss {report.loss:.4f}{base}")
+    if not report.findings:
+        out.print("[green]No findings: the numbers look healthy.[/]")
+    for f in report.findings:
+        style = SEVERITY_STYLE[f.severity]
+        out.print(f"[{style}]{f.severity}[/] [bold]{f.code}[/] at {f.where}")
+        out.print(f"  {f.message}", markup=False)
+        out.print(f"  fix: {f.fix}", markup=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,343 @@
+"""check(model, inputs, targets) for one batch; Monitor for a training run; the Report they give."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import html
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnvitals import numbers
+from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
+from nnvitals.probes import LayerStats, ParamStats, PassStats, Recorder
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+# The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
+# closest to this:
+# logits of std 0.1 cost about 0.1^2/2 = 0.005 nats over ln(V).
+TARGET_LOGIT_STD = 0.1
+
+
+@dataclass
+class Report:
+    """What the doctor found: the statistics of a pass, the findings drawn from them, and pictures."""
+
+    stats: PassStats
+    findings: list[Finding]
+    loss: float | None = None
+    classes: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # Monitor: one row per sampled step
+
+    @property
+    def layers(self) -> list[LayerStats]:
+        return self.stats.layers
+
+    @property
+    def params(self) -> list[ParamStats]:
+        return self.stats.params
+
+    @property
+    def baseline(self) -> float | None:
+        return numbers.baseline_loss(self.classes) if self.classes and self.classes >= 2 else None
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no warning or error (info findings are allowed)."""
+        return worst(self.findings) in (None, "info")
+
+    def codes(self) -> list[str]:
+        return [f.code for f in self.findings]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "classes": self.classes,
+            "baseline": self.baseline,
+            "ok": self.ok,
+            "findings": [f.to_dict() for f in self.findings],
+            "layers": [lay.to_dict() for lay in self.layers],
+            "params": [p.to_dict() for p in self.params],
+            "history": self.history,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write the report's pictures as PNG files into `directory`; returns their paths."""
+        from nnvitals import plots
+
+        return plots.save_all(self, Path(directory))
+
+    def _repr_html_(self) -> str:
+        from nnvitals import plots
+
+        rows = "".join(
+            f"<tr><td>{html.escape(f.severity)}</td><td><code>{html.escape(f.code)}</code></td>"
+            f"<td>{html.escape(f.where)}</td><td>{html.escape(f.message)}<br><b>fix:</b> {html.escape(f.fix)}</td></tr>"
+            for f in self.findings) or "<tr><td colspan=4>No findings: the numbers look healthy.</td></tr>"
+        layer_rows = "".join(
+            f"<tr><td>{html.escape(lay.name)}</td><td>{html.escape(lay.op)}</td><td>{lay.mean:+.3f}</td>"
+            f"<td>{lay.std:.3f}</td><td>{_pct(lay.saturated)}</td><td>{'' if lay.dead is None else lay.dead}</td>"
+            f"<td>{'' if lay.grad_std is None else f'{lay.grad_std:.2e}'}</td></tr>" for lay in self.layers)
+        head = ""
+        if self.loss is not None:
+            head = f"<p>loss {self.loss:.4f}"
+            if self.baseline is not None:
+                head += f" (uniform baseline {self.baseline:.2f} for {self.classes} classes)"
+            head += "</p>"
+        images = "".join(
+            f'<img alt="{name}" style="max-width:100%" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode()}">' for name, png in plots.render_all(self))
+        return (f"<div><h3>nnvitals report</h3>{head}<table><tr><th>severity</th><th>code</th><th>where</th>"
+                f"<th>finding</th></tr>{rows}</table><table><tr><th>layer</th><th>op</th><th>mean</th><th>std</th>"
+                f"<th>saturated</th><th>dead</th><th>grad std</th></tr>{layer_rows}</table>{images}</div>")
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _classification(out: Any, targets: Any, loss_fn: LossFn | None) -> int | None:
+    """The number of classes when the loss is a cross-entropy over the output's last dimension."""
+    ce = loss_fn is None or loss_fn is F.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss)
+    if ce and isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 2 \
+            and isinstance(targets, torch.Tensor) and not targets.is_floating_point():
+        return int(out.shape[-1])
+    return None
+
+
+def default_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dimension's classes (any leading dimensions are examples)."""
+    if targets.is_floating_point() and targets.shape == out.shape:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1, out.shape[-1]))
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
+
+
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _output_fix(model: nn.Module, inputs: Any, targets: Any, out: torch.Tensor, loss_fn: LossFn,
+                stats: PassStats, rng: tuple[torch.Tensor, list[torch.Tensor] | None]) -> OutputFix | None:
+    """Measure, without touching the model, what scaling the output layer would do to the start."""
+    scale = [n for n, role in stats.output_params if role == "scale"]
+    zero = [n for n, role in stats.output_params if role == "zero"]
+    if not scale:
+        return None
+    logits_std = float(out.detach().float().std())
+    if not math.isfinite(logits_std) or logits_std <= 0:
+        return None
+    factor = min(1.0, 10 ** round(math.log10(TARGET_LOGIT_STD / logits_std)))
+    params = dict(model.named_parameters())
+    swapped = {n: params[n].detach() * factor for n in scale}
+    swapped.update({n: torch.zeros_like(params[n]) for n in zero})
+    args = () if isinstance(inputs, Mapping) else tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
+    kwargs = dict(inputs) if isinstance(inputs, Mapping) else None
+    _set_rng_states(rng)
+    with torch.no_grad():
+        new_out = torch.func.functional_call(model, swapped, args, kwargs)
+        loss_after = float(loss_fn(new_out, targets))
+    return OutputFix(scale, zero, factor, logits_std, float(new_out.float().std()), loss_after)
+
+
+def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = None, *,
+          lr: float | None = None, at_init: bool = True) -> Report:
+    """Diagnose `model` from one forward and backward pass on a batch.
+
+    inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    loss_fn(output, targets): default cross-entropy over the output's last dimension.
+    lr: the learning rate, to judge the update-to-data ratio as for plain SGD.
+    at_init: judge the loss against the uniform baseline (set False for a model already trained).
+
+    The model is left exactly as found: parameters, buffers, existing gradients, train/eval modes and
+    the global random states are restored, and every hook is removed, also when the model raises.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fn: LossFn = loss_fn if loss_fn is not None else default_loss
+    saved_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    saved_grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    saved_modes = {m: m.training for m in model.modules()}
+    rng = _rng_states()
+    recorder = Recorder(model, functions=True, trace_all=True)
+    try:
+        for p in model.parameters():
+            p.grad = None
+        recorder.attach()
+        with torch.enable_grad():
+            out = _call(model, inputs)
+            loss = fn(out, targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError("the loss function must return a single-element tensor")
+            if loss.requires_grad:
+                loss.backward()
+        stats = recorder.collect(lr=lr)
+        recorder.detach()
+        loss_value = float(loss.detach())
+        classes = _classification(out, targets, loss_fn)
+        fix = None
+        if classes is not None and at_init and math.isfinite(loss_value) \
+                and numbers.judge_start_loss(loss_value, classes).status == "too-high":
+            _restore_buffers(model, saved_buffers)
+            fix = _output_fix(model, inputs, targets, out, fn, stats, rng)
+    finally:
+        recorder.detach()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved_params[n])
+                p.grad = saved_grads[n]
+        _restore_buffers(model, saved_buffers)
+        for m, mode in saved_modes.items():
+            m.training = mode
+        _set_rng_states(rng)
+    evidence = Evidence(stats, loss=loss_value, start_loss=loss_value if at_init else None, classes=classes,
+                        lr=lr, output_fix=fix, distributed=_distributed())
+    return Report(stats, diagnose(evidence), loss_value, classes)
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in saved:
+                b.copy_(saved[n])
+
+
+class Monitor:
+    """Watches a training run: statistics on every `every`-th step, next to nothing in between.
+
+        with nnvitals.Monitor(model, every=10) as mon:
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(); loss.backward(); opt.step()
+                mon.step(loss)          # once per optimizer step; the loss is optional
+        print(mon.findings())
+
+    Hooks are attached only for sampled steps. Training with and without a Monitor gives bit-identical
+    parameters: the hooks copy what they see and change nothing.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive whole number of steps, got {every!r}")
+        self.model = model
+        self.every = every
+        self.steps = 0  # optimizer steps seen so far
+        self.history: list[dict[str, Any]] = []  # one compact row per sampled step
+        self._recorder = Recorder(model, functions=True)
+        self._recent: collections.deque[PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
+        self._before: torch.Tensor | None = None
+        self._start_loss: float | None = None
+        self._functions_checked = False
+        self._entered = False
+
+    def __enter__(self) -> Monitor:
+        self._entered = True
+        self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._entered = False
+        self._recorder.detach()
+
+    def close(self) -> None:
+        self.__exit__()
+
+    def sampled(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _arm(self) -> None:
+        if self.sampled(self.steps):
+            self._recorder.attach()
+            self._before = self._recorder.snapshot_params()
+        elif self._recorder.attached:
+            self._recorder.detach()
+            self._before = None
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Call once after each optimizer step. On sampled steps this reads the statistics (one host sync)."""
+        if not self._entered:
+            raise RuntimeError("use the Monitor as a context manager: `with nnvitals.Monitor(model) as mon:`")
+        if self.sampled(self.steps) and self._recorder.attached:
+            stats = self._recorder.collect(before=self._before)
+            loss_value = None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            if self.steps == 0 and loss_value is not None:
+                self._start_loss = loss_value
+            if stats.layers or stats.params:
+                self._recent.append(stats)
+                self.history.append(_history_row(self.steps, stats, loss_value))
+            if not self._functions_checked and stats.layers:
+                # Watching activation functions costs a little on every op; keep it only if the model has any.
+                self._recorder.functions = self._recorder.found_functions
+                self._functions_checked = True
+        self.steps += 1
+        self._arm()
+
+    def report(self) -> Report:
+        """The latest sampled step's statistics with the findings drawn from them and the earlier ones."""
+        if not self._recent:
+            raise RuntimeError("no sampled step has been recorded yet: call mon.step() after a training step")
+        latest = self._recent[-1]
+        classes = latest.output_shape[-1] if latest.output_shape and len(latest.output_shape) >= 2 else None
+        evidence = Evidence(latest, loss=self.history[-1]["loss"], start_loss=self._start_loss,
+                            classes=classes if self._start_loss is not None else None,
+                            history=list(self._recent)[:-1], distributed=_distributed())
+        return Report(latest, diagnose(evidence), self.history[-1]["loss"], evidence.classes, list(self.history))
+
+    def findings(self) -> list[Finding]:
+        return self.report().findings
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        return self.report().save_plots(directory)
+
+
+def _history_row(step: int, stats: PassStats, loss: float | None) -> dict[str, Any]:
+    return {
+        "step": step,
+        "loss": loss,
+        "layers": {lay.name: {"mean": lay.mean, "std": lay.std, "saturated": lay.saturated, "dead": lay.dead,
+                              "grad_std": lay.grad_std} for lay in stats.layers},
+        "params": {p.name: {"update_ratio": p.update_ratio, "grad_to_weight": p.grad_to_weight}
+                   for p in stats.params},
+    }
+

@@ -1,0 +1,91 @@
+"""Monitor in a training loop: bit-identical training, sampled statistics, findings and plots."""
+
+import pytest
+import torch
+from torch import nn
+
+import nnvitals
+from nnvitals.examples import EXAMPLES
+
+from . import models as M
+
+
+def train(make, steps, monitor_every=None, lr=0.1, loss_arg=True):
+    model, _, _ = make()
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 27, (512, 3), generator=g)
+    targets = torch.randint(0, 27, (512,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    torch.manual_seed(5)
+    mon = nnvitals.Monitor(model, every=monitor_every) if monitor_every else None
+    if mon:
+        mon.__enter__()
+    for _ in range(steps):
+        ix = torch.randint(0, 512, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(data[ix]), targets[ix])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if mon:
+            mon.step(loss if loss_arg else None)
+    if mon:
+        mon.__exit__(None, None, None)
+    return model, mon
+
+
+@pytest.mark.parametrize("name", ["deep-tanh-batchnorm", "makemore-naive"])
+@pytest.mark.parametrize("every", [1, 3])
+def test_training_is_bit_identical_with_a_monitor(name, every):
+    plain, _ = train(EXAMPLES[name], 12)
+    watched, mon = train(EXAMPLES[name], 12, monitor_every=every)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=False):
+        assert torch.equal(a, b), n
+    assert [row["step"] for row in mon.history] == list(range(0, 12, every))
+
+
+def test_monitor_detaches_between_samples_and_after():
+    model, _ = train(EXAMPLES["deep-tanh-batchnorm"], 5, monitor_every=100)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_monitor_findings_and_update_ratio_history(tmp_path):
+    _, mon = train(EXAMPLES["makemore-naive"], 30, monitor_every=5)
+    codes = {f.code for f in mon.findings()}
+    assert "start-loss-high" in codes  # judged on step 0's loss
+    assert "saturated-activations" in codes
+    rows = mon.history
+    assert len(rows) == 6 and rows[0]["loss"] > 15
+    assert all(rows[i]["params"]["W1"]["update_ratio"] is not None for i in range(len(rows)))
+    names = {p.name for p in mon.save_plots(tmp_path)}
+    assert "update_ratio.png" in names and "activations.png" in names
+
+
+def test_monitor_update_ratio_finding_for_a_huge_learning_rate():
+    _, mon = train(EXAMPLES["deep-tanh-batchnorm"], 12, monitor_every=2, lr=20.0, loss_arg=False)
+    assert any(f.code == "update-ratio" and "too large" in f.message for f in mon.findings())
+
+
+def test_monitor_sees_inference_with_batchnorm_in_train_mode():
+    model, x, y = M.healthy_deep_tanh()
+    with nnvitals.Monitor(model, every=1) as mon:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            model(x)  # evaluation forgot model.eval()
+        mon.step(loss)
+    f = next(f for f in mon.findings() if f.code == "train-eval-mode")
+    assert "no_grad" in f.message and "model.eval()" in f.fix
+
+
+def test_monitor_bad_arguments():
+    model = M.mlp([4, 4])
+    with pytest.raises(ValueError):
+        nnvitals.Monitor(model, every=0)
+    with pytest.raises(TypeError):
+        nnvitals.Monitor("not a model")  # type: ignore[arg-type]
+    mon = nnvitals.Monitor(model)
+    with pytest.raises(RuntimeError):
+        mon.step()
+    with nnvitals.Monitor(model) as mon, pytest.raises(RuntimeError):
+        mon.report()
