@@ -118,7 +118,7 @@ def _gain_name(kind: str | None) -> str:
 def _kaiming_fix(e: Evidence, weight: str, units: int, kind: str) -> str | None:
     """'scale W1 by 0.304 (std 1.00 -> 5/3/sqrt(30) = 0.304 ...)' for a weight feeding `units` units."""
     p = e.param(weight)
-    if p is None or len(p.shape) < 2 or p.std == 0 or not math.isfinite(p.std):
+    if p is None or not p.std or not math.isfinite(p.std):
         return None
     fan_in = math.prod(p.shape) // units if units and math.prod(p.shape) % units == 0 else p.shape[-1]
     g_name = _gain_name(kind)

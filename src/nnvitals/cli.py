@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from nnvitals import numbers
+from nnvitals.study.cli import study
 
 
 @click.group(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def app() -> None:
     """Diagnose a network's training health from the numbers that matter, and learn why."""
 
 out = Console(highlight=False)
+app.add_command(study)
 # Negative numbers ("nnvitals tanh -2") are values, not options.
 NUMERIC_ARGS = {"ignore_unknown_options": True}
 
@@ -108,7 +110,6 @@ def tanh(x: str, as_json: bool) -> None:
         f"local derivative 1 - tanh^2 = {result.local_derivative:.4f}: the unit passes back "
         f"{100 * result.fraction_passed:.1f}% of the gradient it receives"
     )
-
 
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -219,6 +220,9 @@ def _print_report(report: Any, title: str) -> None:
         out.print(f"[{style}]{f.severity}[/] [bold]{f.code}[/] at {f.where}")
         out.print(f"  {f.message}", markup=False)
         out.print(f"  fix: {f.fix}", markup=False)
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,7 +266,7 @@ class Monitor:
         self.history: list[dict[str, Any]] = []  # one compact row per sampled step
         self._recorder = Recorder(model, functions=True)
         self._recent: collections.deque[PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
-        self._before: torch.Tensor | None = None
+        self._before: list[torch.Tensor] | None = None
         self._start_loss: float | None = None
         self._functions_checked = False
         self._entered = False

@@ -93,18 +93,16 @@ class LayerStats:
     units: int
     mean: float
     std: float
-    min: float
-    max: float
-    nonfinite: int
+    nonfinite: bool  # NaN or Inf among the outputs
     saturated: float | None  # share of outputs beyond +-0.97 (tanh-like), None when not bounded
     inactive: float | None  # share of outputs <= 0 (ReLU), None otherwise
     dead: int | None  # units saturated (|t| > 0.99) or inactive on every example of the batch
-    hist: list[float]  # HIST_BINS counts over hist_range
+    hist: list[float]  # activations: HIST_BINS counts over hist_range (empty for other layers)
     hist_range: tuple[float, float]
     hist_outside: tuple[float, float]  # counts below and above the range
     grad_std: float | None = None
     grad_mean: float | None = None
-    grad_nonfinite: int = 0
+    grad_nonfinite: bool = False
     grad_hist: list[float] | None = None  # over +-GRAD_HIST_SIGMAS * grad_std
     input_from: str | None = None  # the watched layer whose output this layer consumed
     feeding: list[str] = field(default_factory=list)  # parameters feeding this layer's input
@@ -125,7 +123,7 @@ class ParamStats:
     name: str
     shape: tuple[int, ...]
     module_kind: str | None
-    std: float
+    std: float | None  # measured for weights (2-D and more) only
     grad_std: float | None
     nonfinite: bool
     grad_nonfinite: bool
@@ -133,7 +131,7 @@ class ParamStats:
 
     @property
     def grad_to_weight(self) -> float | None:
-        if self.grad_std is None or self.std == 0 or not math.isfinite(self.std):
+        if self.grad_std is None or not self.std or not math.isfinite(self.std):
             return None
         return self.grad_std / self.std
 
@@ -185,42 +183,57 @@ class _Spec:
     feeding: list[str]
 
 
-class _Layout:
-    """Index tensors for reducing one arrangement of watched outputs, built once and cached."""
+def _bincount(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Counts per bin without a host sync (CUDA's bincount reads the maximum back to size its output)."""
+    if index.is_cuda:
+        return torch.zeros(length, device=index.device).index_add_(0, index, torch.ones_like(index, dtype=torch.float))
+    return torch.bincount(index, minlength=length)
 
-    def __init__(self, specs: Sequence[_Spec], seg: torch.Tensor, device: torch.device):
-        def vec(values: list[Any], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
 
-        ranges = [HIST_RANGE.get(s.kind, DEFAULT_HIST_RANGE) for s in specs]
-        self.seg = seg
-        self.counts = vec([math.prod(s.shape) for s in specs])
-        self.scale = vec([2.0 if s.kind == "sigmoid" else 1.0 for s in specs])
-        self.shift = vec([-1.0 if s.kind == "sigmoid" else 0.0 for s in specs])
-        self.bounded = vec([s.kind in BOUNDED for s in specs], torch.bool)
-        self.relu = vec([s.kind in RELU_LIKE for s in specs], torch.bool)
-        self.lo = vec([lo for lo, _ in ranges])
-        self.span = vec([hi - lo for lo, hi in ranges])
-        # Each element's global unit id (-1 outside watched activations), and the positions of the
-        # saturation-map cells (first MAP_ROWS examples x first MAP_UNITS units) in the concatenation.
-        unit_ids, map_pos = [], []
-        offset, self.n_units = 0, 0
-        for s in specs:
-            n = math.prod(s.shape)
-            if s.kind in BOUNDED or s.kind in RELU_LIKE:
-                grid = torch.arange(n, device=device).reshape(s.shape)
-                grid = grid.movedim(s.unit_dim, -1).reshape(-1, s.shape[s.unit_dim])
-                per_unit = torch.empty(n, dtype=torch.long, device=device)
-                per_unit[grid.reshape(-1)] = torch.arange(grid.shape[1], device=device).repeat(grid.shape[0])
-                unit_ids.append(per_unit + self.n_units)
-                self.n_units += grid.shape[1]
-                if s.kind in BOUNDED:
-                    map_pos.append(grid[:MAP_ROWS, :MAP_UNITS].reshape(-1) + offset)
-            else:
-                unit_ids.append(torch.full((n,), -1, dtype=torch.long, device=device))
-            offset += n
-        self.units = torch.cat(unit_ids)
-        self.map_pos = torch.cat(map_pos) if map_pos else torch.zeros(0, dtype=torch.long, device=device)
+def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
+    """Indices of the outputs that can be stacked and reduced together: same kind, same shape."""
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for i, s in enumerate(specs):
+        kind = s.kind if s.kind in BOUNDED or s.kind in RELU_LIKE else "other"
+        shape = (s.shape[s.unit_dim], math.prod(s.shape)) if kind != "other" else (math.prod(s.shape),)
+        groups.setdefault((kind, shape), []).append(i)
+    return [(kind, idx) for (kind, _), idx in groups.items()]
+
+
+def _as_rows(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """An output as (examples, units), the unit axis last."""
+    return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
+
+
+def _hist_positions(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Histogram bin of every value, for (k, ...) stacked layers: 0 and HIST_BINS + 1 are under- and
+    overflow, and layer j's bins start at j * (HIST_BINS + 2)."""
+    k = x.shape[0]
+    pos = ((x - lo) * (HIST_BINS / (hi - lo))).floor_().clamp_(-1, HIST_BINS).long() + 1
+    offsets = torch.arange(k, device=x.device).mul_(HIST_BINS + 2).view(k, *([1] * (x.dim() - 1)))
+    return (pos + offsets).reshape(-1)
+
+
+def _reduce_group(kind: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """Statistics of k stacked outputs of one kind: sums and sums of squares, and for activations the
+    saturated (or inactive) counts, histograms, per-unit alive counts and saturation-map cells."""
+    k = x.shape[0]
+    flat = x.reshape(k, -1)
+    parts = [flat.sum(1), (flat * flat).sum(1)]
+    if kind == "other":
+        return parts
+    x = x.nan_to_num(0.0, 0.0, 0.0)
+    if kind == "relu":
+        flagged = off = x <= 0
+    else:
+        t = x.abs() if kind == "tanh" else (2 * x - 1).abs()  # sigmoid s -> 2s - 1 on tanh's scale
+        flagged, off = t > SATURATION_CUT, t > DEAD_CUT
+    lo, hi = HIST_RANGE.get(kind, DEFAULT_HIST_RANGE)
+    parts += [flagged.reshape(k, -1).sum(1), _bincount(_hist_positions(x, lo, hi), k * (HIST_BINS + 2)),
+              (~off).sum(1).reshape(-1)]
+    if kind in BOUNDED:
+        parts.append(off[:, :MAP_ROWS, :MAP_UNITS].reshape(-1))
+    return parts
 
 
 _TRANSPARENT = ("AddBackward", "SubBackward", "MmBackward", "AddmmBackward", "BmmBackward",
@@ -284,7 +297,7 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 
 def _call_site() -> str | None:
     """file:line of the first frame outside torch and this module: where an activation was called."""
-    frame: Any = sys._getframe(2)
+    frame: Any = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith(_TORCH_DIR) and filename != __file__:
@@ -329,7 +342,8 @@ class Recorder:
         self.model = model
         self.functions = functions
         self.trace_all = trace_all
-        self.param_names = {id(p): n for n, p in model.named_parameters()}
+        self._params = list(model.named_parameters())
+        self.param_names = {id(p): n for n, p in self._params}
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self._param_kinds = {f"{mn}.{pn}" if mn else pn: module_kind(m)
                              for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
@@ -338,7 +352,7 @@ class Recorder:
         self._watcher: _FunctionWatcher | None = None
         self._stack: list[nn.Module] = []
         self._cache: dict[Any, Any] = {}
-        self._feeding_cache: dict[str, list[tuple[str, str]]] = {}
+        self._spec_cache: dict[tuple[str, tuple[int, ...], str | None], _Spec] = {}
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -462,7 +476,7 @@ class Recorder:
         prefix = self.module_names.get(id(parent), "")
         base = f"{prefix}.{func.__name__}()" if prefix else f"{func.__name__}()"
         x = x if isinstance(x, torch.Tensor) else None
-        self._record(base, kind, _function_name(func), _call_site(), None, x, out)
+        self._record(base, kind, _function_name(func), _call_site, None, x, out)
 
     def _check_mode(self, name: str, module: nn.Module, grad: bool) -> None:
         if not (is_batchnorm(module) or isinstance(module, nn.Dropout | nn.AlphaDropout)):
@@ -491,7 +505,7 @@ class Recorder:
             self._grad_flags.append((name, torch.isfinite(g).all()))
         return hook
 
-    def _record(self, base: str, kind: str, op: str, site: str | None, module: nn.Module | None,
+    def _record(self, base: str, kind: str, op: str, site: Callable[[], str | None] | None, module: nn.Module | None,
                 x: torch.Tensor | None, out: torch.Tensor) -> None:
         if not out.is_floating_point() or out.numel() == 0:
             return
@@ -500,15 +514,19 @@ class Recorder:
         name = base if count == 1 else f"{base}#{count}"
         prod = self._producers.get(id(x)) if x is not None else None
         producer = prod if prod is not None and prod[0] is x else None
-        if name not in self._feeding_cache:
-            self._feeding_cache[name] = (
-                feeding_parameters(x, self.param_names) if x is not None and x.requires_grad else [])
-        feeding = [p for p, role in self._feeding_cache[name] if role == "scale"]
-        spec = _Spec(name, kind, op, site, tuple(out.shape), _unit_dim(module, out, producer[2] if producer else None),
-                     producer[1] if producer else None, feeding)
+        key = (name, tuple(out.shape), producer[1] if producer else None)
+        spec = self._spec_cache.get(key)
+        if spec is None:  # the first pass through this layer with this shape: work out what is fixed
+            feeding = feeding_parameters(x, self.param_names) if x is not None and x.requires_grad else []
+            spec = _Spec(name, kind, op, site() if site else None, key[1],
+                         _unit_dim(module, out, producer[2] if producer else None), key[2],
+                         [p for p, role in feeding if role == "scale"])
+            self._spec_cache[key] = spec
         index = len(self._specs)
         self._specs.append(spec)
-        self._outs.append(out.detach().clone())
+        # An activation's output is saved for its own backward, so autograd already forbids changing it
+        # in place; any other output (a Linear's before an in-place ReLU) is copied as it is now.
+        self._outs.append(out.detach() if kind in ACTIVATIONS else out.detach().clone())
         self._producers[id(out)] = (out, name, module)
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
@@ -537,132 +555,89 @@ class Recorder:
         self._outs = []
         self._pending = 0
 
-    def _segments(self, sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Segment id of every element of the concatenation of tensors of these sizes (cached)."""
-        key = ("seg", sizes, device)
+    def _plan(self, specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
+        key = tuple((s.shape, s.unit_dim, s.kind) for s in specs)
         if key not in self._cache:
-            self._cache[key] = torch.repeat_interleave(
-                torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-        return self._cache[key]
-
-    def _layout(self, specs: Sequence[_Spec], device: torch.device) -> _Layout:
-        key = ("layout", tuple((s.shape, s.unit_dim, s.kind) for s in specs), device)
-        if key not in self._cache:
-            self._cache[key] = _Layout(specs, self._segments(tuple(math.prod(s.shape) for s in specs), device),
-                                       device)
+            self._cache[key] = _groups(specs)
         return self._cache[key]
 
     def _reduce_outputs(self, specs: Sequence[_Spec], outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One flat float tensor: per layer [count, mean, m2, min, max, nonfinite, saturated, dead-cut,
-        inactive], then per layer HIST_BINS + 2 histogram counts, then per-unit alive counts, then the
-        saturation-map cells."""
-        device = outs[0].device
-        lay = self._layout(specs, device)
-        seg = lay.seg
-        flat = torch.cat([o.reshape(-1) for o in outs]).float()
-        finite = torch.isfinite(flat)
-        clean = torch.where(finite, flat, torch.zeros((), device=device))
-        zeros = torch.zeros(len(specs), device=device)
-        means = zeros.index_add(0, seg, clean) / lay.counts
-        centred = clean - means[seg]
-        m2 = zeros.index_add(0, seg, centred * centred)
-        lows = torch.full_like(zeros, math.inf).scatter_reduce(0, seg, clean, "amin")
-        highs = torch.full_like(zeros, -math.inf).scatter_reduce(0, seg, clean, "amax")
-        nonfinite = zeros.index_add(0, seg, (~finite).float())
-        # Bounded activations mapped onto tanh's [-1, 1] (sigmoid s -> 2s - 1) and cut at +-0.97 / 0.99.
-        t = (clean * lay.scale[seg] + lay.shift[seg]).abs()
-        is_bounded = lay.bounded[seg]
-        sat = (t > SATURATION_CUT) & is_bounded
-        dead_cut = (t > DEAD_CUT) & is_bounded
-        inactive = (clean <= 0) & lay.relu[seg]
-        saturated = zeros.index_add(0, seg, sat.float())
-        n_inactive = zeros.index_add(0, seg, inactive.float())
-        # Histograms: bin index in [0, HIST_BINS + 1], 0 and the last being under- and overflow.
-        pos = ((clean - lay.lo[seg]) / lay.span[seg] * HIST_BINS).floor().clamp(-1, HIST_BINS) + 1
-        width = HIST_BINS + 2
-        hist = torch.zeros(len(specs) * width, device=device).index_add(
-            0, seg * width + pos.long(), finite.float())
-        alive_counts = torch.zeros(lay.n_units, device=device)
-        if lay.n_units:
-            watched = lay.units >= 0
-            alive_counts.index_add_(0, lay.units[watched], (~(dead_cut | inactive))[watched].float())
-        sat_map = dead_cut[lay.map_pos].float()
-        scalars = torch.stack([lay.counts, means, m2, lows, highs, nonfinite, saturated, n_inactive], 1)
-        return torch.cat([scalars.reshape(-1), hist, alive_counts, sat_map])
+        """Each group of same-kind, same-shape outputs stacked and reduced in one go (see _reduce_group),
+        all in one flat tensor; `_parse_outputs` reads it back in the same order."""
+        parts: list[torch.Tensor] = []
+        for kind, idx in self._plan(specs):
+            if kind == "other":
+                x = torch.stack([outs[i].reshape(-1) for i in idx]).float()
+            else:
+                x = torch.stack([_as_rows(outs[i], specs[i].unit_dim) for i in idx]).float()
+            parts += _reduce_group(kind, x)
+        return torch.cat(parts).double()
 
-    def _reduce_grads(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per gradient [mean, m2, nonfinite], then HIST_BINS + 2 counts in units of its own std."""
-        device = grads[0].device
-        sizes = tuple(g.numel() for g in grads)
-        n = len(grads)
-        seg = self._segments(sizes, device)
-        flat = torch.cat([g.reshape(-1) for g in grads]).float()
-        finite = torch.isfinite(flat)
-        clean = torch.where(finite, flat, torch.zeros((), device=device))
-        counts = torch.tensor(sizes, dtype=torch.float32, device=device)
-        zeros = torch.zeros(n, device=device)
-        means = zeros.index_add(0, seg, clean) / counts
-        centred = clean - means[seg]
-        m2 = zeros.index_add(0, seg, centred * centred)
-        std = (m2 / (counts - 1).clamp(min=1)).sqrt()
-        z = clean / std.clamp(min=1e-30)[seg]
-        pos = ((z + GRAD_HIST_SIGMAS) / (2 * GRAD_HIST_SIGMAS) * HIST_BINS).floor().clamp(-1, HIST_BINS) + 1
-        width = HIST_BINS + 2
-        hist = torch.zeros(n * width, device=device).index_add(0, seg * width + pos.long(), finite.float())
-        nonfinite = zeros.index_add(0, seg, (~finite).float())
-        return torch.cat([torch.stack([means, m2, nonfinite], 1).reshape(-1), hist])
+    def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per group of same-shape gradients their sums and sums of squares; for activations also
+        HIST_BINS + 2 counts in units of each gradient's own std."""
+        parts: list[torch.Tensor] = []
+        for kind, idx in self._plan(specs):
+            x = torch.stack([grads[i].reshape(-1) for i in idx]).float()
+            n = x.shape[1]
+            total, squares = x.sum(1), (x * x).sum(1)
+            parts += [total, squares]
+            if kind != "other":
+                std = ((squares - total * total / n) / max(n - 1, 1)).clamp_(min=1e-30).sqrt_()
+                z = (x / std[:, None]).nan_to_num_(0.0, 0.0, 0.0)
+                parts.append(_bincount(_hist_positions(z, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS),
+                                       len(idx) * (HIST_BINS + 2)))
+        return torch.cat(parts).double()
 
     def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
         """(name, parameter, kind of the module holding it) for every trainable parameter."""
-        return [(n, p, self._param_kinds.get(n)) for n, p in self.model.named_parameters() if p.requires_grad]
+        return [(n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
 
-    def snapshot_params(self) -> torch.Tensor | None:
-        """A flat copy of all trainable parameters, to measure the next update against."""
+    def _weight_groups(self) -> list[list[int]]:
+        """Indices (into _param_tensors) of the weights (2-D and more), grouped by shape."""
         ps = self._param_tensors()
-        if not ps:
-            return None
-        return torch.cat([p.detach().reshape(-1).float() for _, p, _ in ps])
+        key = ("weights", tuple(tuple(p.shape) for _, p, _ in ps))
+        if key not in self._cache:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (_, p, _) in enumerate(ps):
+                if p.dim() >= 2:
+                    groups.setdefault(tuple(p.shape), []).append(i)
+            self._cache[key] = list(groups.values())
+        return self._cache[key]
 
-    def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: torch.Tensor | None,
+    def snapshot_params(self) -> list[torch.Tensor]:
+        """Copies of the weights, one stacked tensor per shape, to measure the next update against."""
+        ps = self._param_tensors()
+        return [torch.stack([ps[i][1].detach() for i in idx]) for idx in self._weight_groups()]
+
+    def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
-        """Per parameter [std, grad std, nonfinite, grad nonfinite, has grad, update std]."""
-        device = ps[0][1].device
-        sizes = tuple(p.numel() for _, p, _ in ps)
-        seg = self._segments(sizes, device)
-        counts = torch.tensor(sizes, dtype=torch.float32, device=device)
-        w = torch.cat([p.detach().reshape(-1).float() for _, p, _ in ps])
-        has_grad = torch.tensor([p.grad is not None for _, p, _ in ps], dtype=torch.float32, device=device)
-        g = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                       for _, p, _ in ps])
-
-        def seg_std(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            finite = torch.isfinite(v)
-            clean = torch.where(finite, v, torch.zeros((), device=device))
-            zeros = torch.zeros(len(sizes), device=device)
-            mean = zeros.index_add(0, seg, clean) / counts
-            c = clean - mean[seg]
-            var = zeros.index_add(0, seg, c * c) / (counts - 1).clamp(min=1)
-            return var.sqrt(), zeros.index_add(0, seg, (~finite).float())
-
-        w_std, w_bad = seg_std(w)
-        g_std, g_bad = seg_std(g)
-        if before is not None and before.numel() == w.numel():
-            u_std, _ = seg_std(w - before)
-        elif lr is not None:
-            u_std = g_std * lr
-        else:
-            u_std = torch.full_like(w_std, math.nan)
-        return torch.stack([w_std, g_std, w_bad, g_bad, has_grad, u_std], 1).reshape(-1)
+        """The norms of every parameter and of its gradient (NaN/Inf when any value is); then, per group
+        of same-shape weights, the sums and sums of squares of the weights, gradients and updates."""
+        weights = [p.detach() for _, p, _ in ps]
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for _, p, _ in ps]
+        parts = [torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))]
+        groups = self._weight_groups()
+        for g, idx in enumerate(groups):
+            w = torch.stack([weights[i] for i in idx]).flatten(1).float()
+            d = torch.stack([grads[i] for i in idx]).flatten(1).float()
+            moments = [w, d]
+            if before is not None and len(before) == len(groups):
+                moments.append(w - before[g].flatten(1))
+            for v in moments:
+                parts += [v.sum(1), (v * v).sum(1)]
+        return torch.cat(parts).double()
 
     # -- collecting ----------------------------------------------------------------------------------
-    def collect(self, *, before: torch.Tensor | None = None, lr: float | None = None) -> PassStats:
+    def collect(self, *, before: list[torch.Tensor] | None = None, lr: float | None = None) -> PassStats:
         """Reduce everything recorded since the last collect, move it to the host in one transfer, and
         return it as `PassStats`. `before`: a `snapshot_params()` taken before the optimizer step."""
         self._flush()
         parts = list(self._partials)
         grad_index = sorted(self._grads)
         if grad_index:
-            parts.append(self._reduce_grads([self._grads[i] for i in grad_index]))
+            parts.append(self._reduce_grads([self._specs[i] for i in grad_index],
+                                            [self._grads[i] for i in grad_index]))
         ps = self._param_tensors()
         if ps:
             parts.append(self._reduce_params(ps, before, lr))
@@ -677,31 +652,50 @@ class Recorder:
         layers: list[LayerStats] = []
         cursor = 0
         for chunk in self._chunk_layouts:
-            layers_chunk, used = _parse_outputs(chunk, host[cursor:])
-            layers.extend(layers_chunk)
-            cursor += used
+            cursor = _parse_outputs(chunk, self._plan(chunk), host, cursor, layers)
         if grad_index:
-            width = HIST_BINS + 2
-            block = host[cursor:cursor + len(grad_index) * (3 + width)]
-            cursor += block.size
-            head = block[:3 * len(grad_index)].reshape(-1, 3)
-            hists = block[3 * len(grad_index):].reshape(-1, width)
-            for row, i, h in zip(head, grad_index, hists, strict=True):
-                layer = layers[i]
-                n = max(math.prod(layer.shape) - 1, 1)
-                layer.grad_mean = float(row[0])
-                layer.grad_std = math.sqrt(max(row[1], 0.0) / n)
-                layer.grad_nonfinite = int(row[2])
-                layer.grad_hist = h[1:-1].tolist()
+            specs = [self._specs[i] for i in grad_index]
+            for kind, idx in self._plan(specs):
+                k = len(idx)
+                sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
+                cursor += 2 * k
+                for j, i in enumerate(idx):
+                    layer = layers[grad_index[i]]
+                    layer.grad_mean, layer.grad_std = _mean_std(sums[j], squares[j], math.prod(layer.shape))
+                    layer.grad_nonfinite = not math.isfinite(squares[j])
+                if kind != "other":
+                    hists = host[cursor:cursor + k * (HIST_BINS + 2)].reshape(k, HIST_BINS + 2)
+                    cursor += hists.size
+                    for j, i in enumerate(idx):
+                        layers[grad_index[i]].grad_hist = hists[j, 1:-1].tolist()
         params: list[ParamStats] = []
         if ps:
-            block = host[cursor:cursor + 6 * len(ps)].reshape(-1, 6)
-            cursor += block.size
-            for (name, p, kind), row in zip(ps, block, strict=True):
-                params.append(ParamStats(
-                    name, tuple(p.shape), kind, float(row[0]),
-                    float(row[1]) if row[4] else None, bool(row[2]), bool(row[3] and row[4]),
-                    math.log10(row[5] / row[0]) if row[4] and row[0] > 0 and row[5] > 0 else None))
+            n = len(ps)
+            w_norm, g_norm = host[cursor:cursor + n], host[cursor + n:cursor + 2 * n]
+            cursor += 2 * n
+            spread: dict[int, list[float]] = {}  # param index -> [w std, grad std(, update std)]
+            for idx in self._weight_groups():
+                k = len(idx)
+                count = math.prod(ps[idx[0]][1].shape)
+                stds = []
+                for _ in range(3 if before is not None else 2):
+                    sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
+                    cursor += 2 * k
+                    stds.append([_mean_std(a, b, count)[1] for a, b in zip(sums, squares, strict=True)])
+                for j, i in enumerate(idx):
+                    spread[i] = [column[j] for column in stds]
+            for i, (name, p, module) in enumerate(ps):
+                has_grad = p.grad is not None
+                measured = spread.get(i)
+                w_std = g_std = ratio = None
+                if measured is not None:
+                    w_std, g_std = measured[0], measured[1]
+                    update = measured[2] if len(measured) == 3 else lr * g_std if lr is not None else None
+                    if has_grad and update and w_std > 0:
+                        ratio = math.log10(update / w_std)
+                params.append(ParamStats(name, tuple(p.shape), module, w_std, g_std if has_grad else None,
+                                         not math.isfinite(w_norm[i]), has_grad and not math.isfinite(g_norm[i]),
+                                         ratio))
         flag_values = host[cursor:]
         result = PassStats(layers, params, self._output_name, self._output_shape, list(self._output_params),
                            list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm))
@@ -721,40 +715,48 @@ class Recorder:
         return result
 
 
-def _parse_outputs(specs: Sequence[_Spec], values: np.ndarray) -> tuple[list[LayerStats], int]:
-    n = len(specs)
-    width = HIST_BINS + 2
-    scalars = values[:8 * n].reshape(n, 8)
-    hists = values[8 * n:8 * n + n * width].reshape(n, width)
-    cursor = 8 * n + n * width
-    n_units = sum(s.shape[s.unit_dim] for s in specs if s.kind in BOUNDED or s.kind in RELU_LIKE)
-    alive = values[cursor:cursor + n_units]
-    cursor += n_units
-    layers = []
-    unit_cursor = 0
-    for s, row, h in zip(specs, scalars, hists, strict=True):
-        count, mean, m2, lo, hi, nonfinite, sat, inactive = row
-        finite_count = max(count - nonfinite, 1)
-        units = s.shape[s.unit_dim]
-        dead = None
-        sat_map = None
-        if s.kind in BOUNDED or s.kind in RELU_LIKE:
-            dead = int((alive[unit_cursor:unit_cursor + units] == 0).sum())
-            unit_cursor += units
-        if s.kind in BOUNDED:
-            rows, cols = min(int(count) // units, MAP_ROWS), min(units, MAP_UNITS)
-            sat_map = values[cursor:cursor + rows * cols].reshape(rows, cols) > 0.5
-            cells = rows * cols
-            cursor += cells
-        layers.append(LayerStats(
-            name=s.name, kind=s.kind, op=s.op, site=s.site, shape=s.shape, units=units,
-            mean=float(mean), std=math.sqrt(max(m2, 0.0) / max(count - 1, 1)),
-            min=float(lo), max=float(hi), nonfinite=int(nonfinite),
-            saturated=float(sat / finite_count) if s.kind in BOUNDED else None,
-            inactive=float(inactive / finite_count) if s.kind in RELU_LIKE else None,
-            dead=dead, hist=h[1:-1].tolist(),
-            hist_range=HIST_RANGE.get(s.kind, DEFAULT_HIST_RANGE), hist_outside=(float(h[0]), float(h[-1])),
-            input_from=s.input_from, feeding=list(s.feeding), sat_map=sat_map,
-        ))
-    return layers, cursor
+def _mean_std(total: float, squares: float, count: int) -> tuple[float, float]:
+    mean = total / count
+    return mean, math.sqrt(max(squares - total * mean, 0.0) / max(count - 1, 1))
 
+
+def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], values: np.ndarray, cursor: int,
+                   layers: list[LayerStats]) -> int:
+    """Append LayerStats read from one `_reduce_outputs` block at `cursor`; returns the new cursor."""
+    found: dict[int, LayerStats] = {}
+    width = HIST_BINS + 2
+    for kind, idx in plan:
+        k = len(idx)
+        sums, squares = values[cursor:cursor + k], values[cursor + k:cursor + 2 * k]
+        cursor += 2 * k
+        flagged = hists = alive = maps = None
+        if kind != "other":
+            units = specs[idx[0]].shape[specs[idx[0]].unit_dim]
+            rows = math.prod(specs[idx[0]].shape) // units
+            flagged = values[cursor:cursor + k]
+            cursor += k
+            hists = values[cursor:cursor + k * width].reshape(k, width)
+            cursor += k * width
+            alive = values[cursor:cursor + k * units].reshape(k, units)
+            cursor += k * units
+            if kind in BOUNDED:
+                r, c = min(rows, MAP_ROWS), min(units, MAP_UNITS)
+                maps = values[cursor:cursor + k * r * c].reshape(k, r, c) > 0.5
+                cursor += k * r * c
+        for j, i in enumerate(idx):
+            s = specs[i]
+            count = math.prod(s.shape)
+            mean, std = _mean_std(sums[j], squares[j], count)
+            share = float(flagged[j] / count) if flagged is not None else None
+            found[i] = LayerStats(
+                name=s.name, kind=s.kind, op=s.op, site=s.site, shape=s.shape, units=s.shape[s.unit_dim],
+                mean=mean, std=std, nonfinite=not math.isfinite(squares[j]),
+                saturated=share if kind in BOUNDED else None, inactive=share if kind in RELU_LIKE else None,
+                dead=int((alive[j] == 0).sum()) if alive is not None else None,
+                hist=hists[j, 1:-1].tolist() if hists is not None else [],
+                hist_range=HIST_RANGE.get(s.kind, DEFAULT_HIST_RANGE),
+                hist_outside=(float(hists[j, 0]), float(hists[j, -1])) if hists is not None else (0.0, 0.0),
+                input_from=s.input_from, feeding=list(s.feeding), sat_map=maps[j] if maps is not None else None,
+            )
+    layers.extend(found[i] for i in range(len(specs)))
+    return cursor
