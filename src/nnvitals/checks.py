@@ -259,14 +259,16 @@ def activation_scale(e: Evidence) -> Iterator[Finding]:
                       f"{fix_text}; or add normalisation layers between them.")
 
 
-def _weight_params(e: Evidence, hidden_only: bool = False) -> list[ParamStats]:
+def _weight_params(e: Evidence, hidden_only: bool = False, moving: bool = True) -> list[ParamStats]:
     """Weights of the layers that transform the signal, in the model's order: those of linear layers and
-    those feeding a watched layer (no embeddings, no norms); `hidden_only` leaves out the output layer's."""
+    those feeding a watched layer (no embeddings, no norms); `hidden_only` leaves out the output layer's,
+    `moving` those whose gradient is zero."""
     feeding = {w for lay in e.stats.layers for w in lay.feeding}
     output = {n for n, _ in e.stats.output_params} if hidden_only else set()
     return [p for p in e.stats.params
             if len(p.shape) >= 2 and (p.module_kind == "linear" or p.name in feeding) and p.name not in output
-            and p.grad_to_weight is not None and math.isfinite(p.grad_to_weight) and p.grad_to_weight > 0]
+            and p.grad_to_weight is not None and math.isfinite(p.grad_to_weight)
+            and (p.grad_to_weight > 0 or not moving)]
 
 
 def gradient_flow(e: Evidence) -> Iterator[Finding]:
@@ -301,12 +303,18 @@ def update_ratio(e: Evidence) -> Iterator[Finding]:
     passes = [*e.history[-(UPDATE_RATIO_WINDOW - 1):], e.stats] if e.history else [e.stats]
     # At initialisation a deliberately tiny output layer changes fast relative to itself: not a problem.
     at_init = e.start_loss is not None and not e.history
-    for p in _weight_params(e, hidden_only=at_init):
+    for p in _weight_params(e, hidden_only=at_init, moving=False):
         values = [q.update_ratio for s in passes for q in s.params if q.name == p.name and q.update_ratio is not None]
-        values = [v for v in values if math.isfinite(v)]
+        values = [v for v in values if not math.isnan(v)]
         if not values:
             continue
         ratio = statistics.median(values)
+        if ratio == -math.inf:
+            yield Finding("update-ratio", "warning", p.name, {"log10_ratio": ratio, "steps": len(values)},
+                          f"`{p.name}` does not change at all: its gradient is zero.",
+                          "look upstream of it for dead units or a detached path (.detach(), .item(), .data, "
+                          "torch.no_grad) between it and the loss.")
+            continue
         if UPDATE_RATIO_LOW <= ratio <= UPDATE_RATIO_HIGH:
             continue
         factor = 10 ** (UPDATE_RATIO_TARGET - ratio)

@@ -91,8 +91,8 @@ def verdict(classes: str, loss: str, as_json: bool) -> int:
         _emit_json({k: d[k] for k in ("classes", "loss", "baseline", "status", "message", "fix")})
     else:
         colour = {"healthy": "green", "too-high": "red", "too-low": "yellow"}[result.status]
-        out.print(f"[bold {colour}]{result.status}[/]  {result.message}")
-        out.print(f"fix: {result.fix}")
+        out.print(f"[bold {colour}]{result.status}[/]  {result.message}", soft_wrap=True)
+        out.print(f"fix: {result.fix}", soft_wrap=True)
     return 0 if result.status == "healthy" else 1
 
 
@@ -185,11 +185,9 @@ def check(target: str | None, example: str | None, plots_dir: str | None, lr_tex
         raise BadInput(f"the model or its loss raised {type(e).__name__} during the check: {e}") from None
     plots = report.save_plots(plots_dir) if plots_dir else []
     if as_json:
-        data = report.to_dict()
+        data = json.loads(report.to_json())
         data["plots"] = [str(p) for p in plots]
-        sys.stdout.write(report.to_json() if not plots else json.dumps(data, indent=2, default=str) + "\n")
-        if not plots:
-            sys.stdout.write("\n")
+        _emit_json(data)
     else:
         _print_report(report, example or target or "")
         for p in plots:
@@ -218,8 +216,8 @@ def _print_report(report: Any, title: str) -> None:
     for f in report.findings:
         style = SEVERITY_STYLE[f.severity]
         out.print(f"[{style}]{f.severity}[/] [bold]{f.code}[/] at {f.where}")
-        out.print(f"  {f.message}", markup=False)
-        out.print(f"  fix: {f.fix}", markup=False)
+        out.print(f"  {f.message}", markup=False, soft_wrap=True)
+        out.print(f"  fix: {f.fix}", markup=False, soft_wrap=True)
 
 
 

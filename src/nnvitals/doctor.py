@@ -18,7 +18,7 @@ from torch import nn
 
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
-from nnvitals.probes import LayerStats, ParamStats, PassStats, Recorder
+from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 # The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
@@ -70,7 +70,8 @@ class Report:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+        """Strict JSON: NaN and infinities become the strings "nan", "inf" and "-inf"."""
+        return json.dumps(_strict(self.to_dict()), indent=2)
 
     def save_plots(self, directory: str | Path) -> list[Path]:
         """Write the report's pictures as PNG files into `directory`; returns their paths."""
@@ -107,12 +108,15 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-def _json_default(o: Any) -> Any:
+def _strict(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"cannot serialise {type(o).__name__}")
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_strict(v) for v in o]
+    return o
+
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -210,7 +214,7 @@ def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = 
                 raise TypeError("the loss function must return a single-element tensor")
             if loss.requires_grad:
                 loss.backward()
-        stats = recorder.collect(lr=lr)
+        stats = recorder.collect(lr=lr).stats()
         recorder.detach()
         loss_value = float(loss.detach())
         classes = _classification(out, targets, loss_fn)
@@ -252,22 +256,27 @@ class Monitor:
         print(mon.findings())
 
     Hooks are attached only for sampled steps. Training with and without a Monitor gives bit-identical
-    parameters: the hooks copy what they see and change nothing.
+    parameters: the hooks copy what they see and change nothing. A sampled step costs its device work
+    and one transfer; the numbers are read into statistics only when findings, history or plots are
+    asked for.
     """
+
+    HISTORY_LIMIT = 2048  # sampled steps kept; beyond it every other older one is dropped
 
     def __init__(self, model: nn.Module, every: int = 10):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive whole number of steps, got {every!r}")
         self.model = model
         self.every = every
         self.steps = 0  # optimizer steps seen so far
-        self.history: list[dict[str, Any]] = []  # one compact row per sampled step
         self._recorder = Recorder(model, functions=True)
-        self._recent: collections.deque[PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
+        self._passes: list[tuple[int, Any, RawPass]] = []  # (step, loss, numbers) per sampled step
+        self._recent: collections.deque[RawPass] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
+        self._rows: dict[int, dict[str, Any]] = {}
         self._before: list[torch.Tensor] | None = None
-        self._start_loss: float | None = None
+        self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False
 
@@ -295,40 +304,60 @@ class Monitor:
             self._before = None
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Call once after each optimizer step. On sampled steps this reads the statistics (one host sync)."""
+        """Call once after each optimizer step. On sampled steps this reads the statistics (one transfer)."""
         if not self._entered:
             raise RuntimeError("use the Monitor as a context manager: `with nnvitals.Monitor(model) as mon:`")
         if self.sampled(self.steps) and self._recorder.attached:
-            stats = self._recorder.collect(before=self._before)
-            loss_value = None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-            if self.steps == 0 and loss_value is not None:
-                self._start_loss = loss_value
-            if stats.layers or stats.params:
-                self._recent.append(stats)
-                self.history.append(_history_row(self.steps, stats, loss_value))
-            if not self._functions_checked and stats.layers:
+            raw = self._recorder.collect(before=self._before)
+            # keep the loss as it is (a tensor is read with the rest, when asked): no extra host sync here
+            kept = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            if self.steps == 0:
+                self._start_loss = kept
+            if raw.chunks or raw.params:
+                if self._passes:
+                    self._passes[-1][2].drop_maps()
+                self._passes.append((self.steps, kept, raw))
+                self._recent.append(raw)
+                if len(self._passes) > self.HISTORY_LIMIT:
+                    self._passes = [*self._passes[:-1:2], self._passes[-1]]
+            if not self._functions_checked and raw.chunks:
                 # Watching activation functions costs a little on every op; keep it only if the model has any.
                 self._recorder.functions = self._recorder.found_functions
                 self._functions_checked = True
         self.steps += 1
         self._arm()
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One row per sampled step: loss, per-layer mean/std/saturation/dead/grad std, per-weight ratios."""
+        rows = []
+        for step, loss, raw in self._passes:
+            if step not in self._rows:
+                self._rows[step] = _history_row(step, raw.stats(), _as_float(loss))
+            rows.append(self._rows[step])
+        return rows
+
     def report(self) -> Report:
         """The latest sampled step's statistics with the findings drawn from them and the earlier ones."""
         if not self._recent:
             raise RuntimeError("no sampled step has been recorded yet: call mon.step() after a training step")
-        latest = self._recent[-1]
+        latest = self._recent[-1].stats()
+        start = _as_float(self._start_loss)
         classes = latest.output_shape[-1] if latest.output_shape and len(latest.output_shape) >= 2 else None
-        evidence = Evidence(latest, loss=self.history[-1]["loss"], start_loss=self._start_loss,
-                            classes=classes if self._start_loss is not None else None,
-                            history=list(self._recent)[:-1], distributed=_distributed())
-        return Report(latest, diagnose(evidence), self.history[-1]["loss"], evidence.classes, list(self.history))
+        loss = _as_float(self._passes[-1][1])
+        evidence = Evidence(latest, loss=loss, start_loss=start, classes=classes if start is not None else None,
+                            history=[r.stats() for r in list(self._recent)[:-1]], distributed=_distributed())
+        return Report(latest, diagnose(evidence), loss, evidence.classes, self.history)
 
     def findings(self) -> list[Finding]:
         return self.report().findings
 
     def save_plots(self, directory: str | Path) -> list[Path]:
         return self.report().save_plots(directory)
+
+
+def _as_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _history_row(step: int, stats: PassStats, loss: float | None) -> dict[str, Any]:

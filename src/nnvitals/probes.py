@@ -12,6 +12,7 @@ layers and there is exactly one device-to-host transfer per pass.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -127,7 +128,7 @@ class ParamStats:
     grad_std: float | None
     nonfinite: bool
     grad_nonfinite: bool
-    update_ratio: float | None = None  # log10(std(delta w) / std(w)) for this step
+    update_ratio: float | None = None  # log10(std(delta w) / std(w)) for this step; -inf: no change
 
     @property
     def grad_to_weight(self) -> float | None:
@@ -190,6 +191,19 @@ def _bincount(index: torch.Tensor, length: int) -> torch.Tensor:
     return torch.bincount(index, minlength=length)
 
 
+def _foreach_moments(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor, the sum and the sum of squares, from fused norms (one call for the whole list):
+    |t + 1|^2 = |t|^2 + 2 sum(t) + n gives the sum. The sum only corrects the mean, so the float32
+    rounding of |t + 1|^2 (about n * 1e-7) does not reach the std in any digit that is shown."""
+    if not tensors:
+        empty = torch.zeros(0)
+        return empty, empty
+    squares = torch.stack(torch._foreach_norm(tensors)).double() ** 2
+    shifted = torch.stack(torch._foreach_norm(torch._foreach_add(tensors, 1.0))).double() ** 2
+    counts = torch.tensor([t.numel() for t in tensors], dtype=torch.float64, device=squares.device)
+    return (shifted - squares - counts) / 2, squares
+
+
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
     """Indices of the outputs that can be stacked and reduced together: same kind, same shape."""
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
@@ -214,14 +228,15 @@ def _hist_positions(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return (pos + offsets).reshape(-1)
 
 
-def _reduce_group(kind: str, x: torch.Tensor) -> list[torch.Tensor]:
+def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Statistics of k stacked outputs of one kind: sums and sums of squares, and for activations the
-    saturated (or inactive) counts, histograms, per-unit alive counts and saturation-map cells."""
+    saturated (or inactive) counts, histograms and per-unit alive counts; plus, for tanh-like layers,
+    the saturation-map cells (left on the device: they are read only when a picture is drawn)."""
     k = x.shape[0]
     flat = x.reshape(k, -1)
     parts = [flat.sum(1), (flat * flat).sum(1)]
     if kind == "other":
-        return parts
+        return parts, None
     x = x.nan_to_num(0.0, 0.0, 0.0)
     if kind == "relu":
         flagged = off = x <= 0
@@ -231,9 +246,7 @@ def _reduce_group(kind: str, x: torch.Tensor) -> list[torch.Tensor]:
     lo, hi = HIST_RANGE.get(kind, DEFAULT_HIST_RANGE)
     parts += [flagged.reshape(k, -1).sum(1), _bincount(_hist_positions(x, lo, hi), k * (HIST_BINS + 2)),
               (~off).sum(1).reshape(-1)]
-    if kind in BOUNDED:
-        parts.append(off[:, :MAP_ROWS, :MAP_UNITS].reshape(-1))
-    return parts
+    return parts, off[:, :MAP_ROWS, :MAP_UNITS] if kind in BOUNDED else None
 
 
 _TRANSPARENT = ("AddBackward", "SubBackward", "MmBackward", "AddmmBackward", "BmmBackward",
@@ -394,6 +407,7 @@ class Recorder:
         self._pending = 0
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunk_layouts: list[list[_Spec]] = []
+        self._maps: list[tuple[str, torch.Tensor]] = []  # layer name -> saturation-map cells (device)
         self._grads: dict[int, torch.Tensor] = {}  # spec index -> gradient copy
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None]] = {}
         self._names_used: dict[str, int] = {}
@@ -570,7 +584,10 @@ class Recorder:
                 x = torch.stack([outs[i].reshape(-1) for i in idx]).float()
             else:
                 x = torch.stack([_as_rows(outs[i], specs[i].unit_dim) for i in idx]).float()
-            parts += _reduce_group(kind, x)
+            group_parts, maps = _reduce_group(kind, x)
+            parts += group_parts
+            if maps is not None:
+                self._maps.extend(zip([specs[i].name for i in idx], maps, strict=True))
         return torch.cat(parts).double()
 
     def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -593,45 +610,38 @@ class Recorder:
         """(name, parameter, kind of the module holding it) for every trainable parameter."""
         return [(n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
 
-    def _weight_groups(self) -> list[list[int]]:
-        """Indices (into _param_tensors) of the weights (2-D and more), grouped by shape."""
-        ps = self._param_tensors()
-        key = ("weights", tuple(tuple(p.shape) for _, p, _ in ps))
-        if key not in self._cache:
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, (_, p, _) in enumerate(ps):
-                if p.dim() >= 2:
-                    groups.setdefault(tuple(p.shape), []).append(i)
-            self._cache[key] = list(groups.values())
-        return self._cache[key]
+    def _weights(self) -> list[int]:
+        """Indices (into _param_tensors) of the weights: parameters of 2 dimensions or more."""
+        return [i for i, (_, p, _) in enumerate(self._param_tensors()) if p.dim() >= 2]
 
     def snapshot_params(self) -> list[torch.Tensor]:
-        """Copies of the weights, one stacked tensor per shape, to measure the next update against."""
+        """Copies of the weights, to measure the next update against."""
         ps = self._param_tensors()
-        return [torch.stack([ps[i][1].detach() for i in idx]) for idx in self._weight_groups()]
+        return list(torch._foreach_mul([ps[i][1].detach() for i in self._weights()], 1.0))
 
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
-        """The norms of every parameter and of its gradient (NaN/Inf when any value is); then, per group
-        of same-shape weights, the sums and sums of squares of the weights, gradients and updates."""
+        """The norms of every parameter and of its gradient (NaN/Inf when any value is); then, for the
+        weights, the sums and sums of squares of the weights, their gradients and their updates."""
         weights = [p.detach() for _, p, _ in ps]
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for _, p, _ in ps]
         parts = [torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))]
-        groups = self._weight_groups()
-        for g, idx in enumerate(groups):
-            w = torch.stack([weights[i] for i in idx]).flatten(1).float()
-            d = torch.stack([grads[i] for i in idx]).flatten(1).float()
-            moments = [w, d]
-            if before is not None and len(before) == len(groups):
-                moments.append(w - before[g].flatten(1))
-            for v in moments:
-                parts += [v.sum(1), (v * v).sum(1)]
+        index = self._weights()
+        w = [weights[i] for i in index]
+        measured = [w, [grads[i] for i in index]]
+        if before is not None and len(before) == len(w):
+            measured.append(list(torch._foreach_sub(w, before)))
+        for tensors in measured:
+            parts += _foreach_moments(tensors)
         return torch.cat(parts).double()
 
     # -- collecting ----------------------------------------------------------------------------------
-    def collect(self, *, before: list[torch.Tensor] | None = None, lr: float | None = None) -> PassStats:
-        """Reduce everything recorded since the last collect, move it to the host in one transfer, and
-        return it as `PassStats`. `before`: a `snapshot_params()` taken before the optimizer step."""
+    def collect(self, *, before: list[torch.Tensor] | None = None, lr: float | None = None) -> RawPass:
+        """Reduce everything recorded since the last collect and move it to the host in one transfer.
+
+        Returns a `RawPass`: the numbers as one array, read into `PassStats` only when asked (`.stats()`),
+        so that a training loop pays for the device work and the transfer, not for the bookkeeping.
+        `before`: a `snapshot_params()` taken before the optimizer step."""
         self._flush()
         parts = list(self._partials)
         grad_index = sorted(self._grads)
@@ -645,73 +655,117 @@ class Recorder:
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         if flags:
-            parts.append(torch.stack([f.float() for f in flags]).to(parts[0].device if parts else "cpu"))
-        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy().astype(np.float64) \
-            if parts else np.zeros(0)
+            parts.append(torch.stack(flags).to(parts[0].device if parts else "cpu", torch.float64))
+        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
+        raw = RawPass(
+            host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
+            grads=grad_index,
+            params=[(n, tuple(p.shape), kind, p.grad is not None) for n, p, kind in ps],
+            weights=self._weights() if ps else [], updates_measured=before is not None, lr=lr,
+            maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
+            grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
+            inputs_checked=self._inputs_finite is not None,
+            base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
+                           list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm)),
+        )
+        self._reset()
+        return raw
 
+
+@dataclass
+class RawPass:
+    """One pass's numbers as they came off the device, and what is needed to read them."""
+
+    host: np.ndarray
+    chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]]
+    grads: list[int]  # the layers (indices in pass order) whose output gradient was reduced
+    params: list[tuple[str, tuple[int, ...], str | None, bool]]  # name, shape, module kind, has grad
+    weights: list[int]  # the parameters (indices) whose spreads were measured
+    updates_measured: bool
+    lr: float | None
+    maps: list[tuple[str, torch.Tensor]] | None  # saturation-map cells, still on the device
+    finite_flags: list[str]
+    grad_flags: list[str]
+    consumers: dict[str, str]
+    inputs_checked: bool
+    base: PassStats  # the fields known without reading `host`
+    _stats: PassStats | None = None
+
+    def drop_maps(self) -> None:
+        """Forget the saturation maps (a Monitor keeps them for the latest pass only)."""
+        self.maps = None
+
+    def stats(self) -> PassStats:
+        if self._stats is None:
+            self._stats = self._read()
+        return self._stats
+
+    def _read(self) -> PassStats:
+        host = self.host.astype(np.float64)
         layers: list[LayerStats] = []
         cursor = 0
-        for chunk in self._chunk_layouts:
-            cursor = _parse_outputs(chunk, self._plan(chunk), host, cursor, layers)
-        if grad_index:
-            specs = [self._specs[i] for i in grad_index]
-            for kind, idx in self._plan(specs):
+        for chunk, plan in self.chunks:
+            cursor = _parse_outputs(chunk, plan, host, cursor, layers)
+        if self.grads:
+            specs = [s for chunk, _ in self.chunks for s in chunk]
+            for kind, idx in _groups([specs[i] for i in self.grads]):
                 k = len(idx)
                 sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
                 cursor += 2 * k
-                for j, i in enumerate(idx):
-                    layer = layers[grad_index[i]]
-                    layer.grad_mean, layer.grad_std = _mean_std(sums[j], squares[j], math.prod(layer.shape))
-                    layer.grad_nonfinite = not math.isfinite(squares[j])
+                targets = [layers[self.grads[i]] for i in idx]
+                for layer, total, sq in zip(targets, sums, squares, strict=True):
+                    layer.grad_mean, layer.grad_std = _mean_std(total, sq, math.prod(layer.shape))
+                    layer.grad_nonfinite = not math.isfinite(sq)
                 if kind != "other":
                     hists = host[cursor:cursor + k * (HIST_BINS + 2)].reshape(k, HIST_BINS + 2)
                     cursor += hists.size
-                    for j, i in enumerate(idx):
-                        layers[grad_index[i]].grad_hist = hists[j, 1:-1].tolist()
+                    for layer, h in zip(targets, hists, strict=True):
+                        layer.grad_hist = h[1:-1].tolist()
         params: list[ParamStats] = []
-        if ps:
-            n = len(ps)
+        if self.params:
+            n = len(self.params)
             w_norm, g_norm = host[cursor:cursor + n], host[cursor + n:cursor + 2 * n]
             cursor += 2 * n
-            spread: dict[int, list[float]] = {}  # param index -> [w std, grad std(, update std)]
-            for idx in self._weight_groups():
-                k = len(idx)
-                count = math.prod(ps[idx[0]][1].shape)
-                stds = []
-                for _ in range(3 if before is not None else 2):
-                    sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
-                    cursor += 2 * k
-                    stds.append([_mean_std(a, b, count)[1] for a, b in zip(sums, squares, strict=True)])
-                for j, i in enumerate(idx):
-                    spread[i] = [column[j] for column in stds]
-            for i, (name, p, module) in enumerate(ps):
-                has_grad = p.grad is not None
+            k = len(self.weights)
+            counts = [math.prod(self.params[i][1]) for i in self.weights]
+            stds = []
+            for _ in range(3 if self.updates_measured else 2):
+                sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
+                cursor += 2 * k
+                stds.append([_mean_std(a, b, n)[1] for a, b, n in zip(sums, squares, counts, strict=True)])
+            # param index -> [w std, grad std(, update std)]
+            spread = {i: [column[j] for column in stds] for j, i in enumerate(self.weights)}
+            for i, (name, shape, module, has_grad) in enumerate(self.params):
                 measured = spread.get(i)
                 w_std = g_std = ratio = None
                 if measured is not None:
                     w_std, g_std = measured[0], measured[1]
-                    update = measured[2] if len(measured) == 3 else lr * g_std if lr is not None else None
-                    if has_grad and update and w_std > 0:
-                        ratio = math.log10(update / w_std)
-                params.append(ParamStats(name, tuple(p.shape), module, w_std, g_std if has_grad else None,
+                    update = measured[2] if len(measured) == 3 else self.lr * g_std if self.lr is not None else None
+                    if has_grad and update is not None and w_std > 0:
+                        # -inf: the weight did not move at all (its gradient is zero)
+                        ratio = math.log10(update / w_std) if update > 0 else -math.inf
+                params.append(ParamStats(name, shape, module, w_std, g_std if has_grad else None,
                                          not math.isfinite(w_norm[i]), has_grad and not math.isfinite(g_norm[i]),
                                          ratio))
         flag_values = host[cursor:]
-        result = PassStats(layers, params, self._output_name, self._output_shape, list(self._output_params),
-                           list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm))
+        result = dataclasses.replace(self.base, layers=layers, params=params)
         k = 0
-        for name, _, _ in self._finite_flags:
+        for name in self.finite_flags:
             ok_in, ok_out = flag_values[k], flag_values[k + 1]
             k += 2
             if ok_in and not ok_out and result.first_nonfinite_forward is None:
                 result.first_nonfinite_forward = name or "(model output)"
-        for name, _ in self._grad_flags:
+        for name in self.grad_flags:
             if not flag_values[k] and result.first_nonfinite_backward is None:
-                result.first_nonfinite_backward = (name, self._consumers.get(name))
+                result.first_nonfinite_backward = (name, self.consumers.get(name))
             k += 1
-        if self._inputs_finite is not None:
+        if self.inputs_checked:
             result.inputs_nonfinite = not bool(flag_values[k])
-        self._reset()
+        if self.maps:
+            by_name = {lay.name: lay for lay in layers}
+            for name, cells in self.maps:
+                if name in by_name:
+                    by_name[name].sat_map = cells.cpu().numpy()
         return result
 
 
@@ -729,20 +783,15 @@ def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], va
         k = len(idx)
         sums, squares = values[cursor:cursor + k], values[cursor + k:cursor + 2 * k]
         cursor += 2 * k
-        flagged = hists = alive = maps = None
+        flagged = hists = alive = None
         if kind != "other":
             units = specs[idx[0]].shape[specs[idx[0]].unit_dim]
-            rows = math.prod(specs[idx[0]].shape) // units
             flagged = values[cursor:cursor + k]
             cursor += k
             hists = values[cursor:cursor + k * width].reshape(k, width)
             cursor += k * width
             alive = values[cursor:cursor + k * units].reshape(k, units)
             cursor += k * units
-            if kind in BOUNDED:
-                r, c = min(rows, MAP_ROWS), min(units, MAP_UNITS)
-                maps = values[cursor:cursor + k * r * c].reshape(k, r, c) > 0.5
-                cursor += k * r * c
         for j, i in enumerate(idx):
             s = specs[i]
             count = math.prod(s.shape)
@@ -756,7 +805,7 @@ def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], va
                 hist=hists[j, 1:-1].tolist() if hists is not None else [],
                 hist_range=HIST_RANGE.get(s.kind, DEFAULT_HIST_RANGE),
                 hist_outside=(float(hists[j, 0]), float(hists[j, -1])) if hists is not None else (0.0, 0.0),
-                input_from=s.input_from, feeding=list(s.feeding), sat_map=maps[j] if maps is not None else None,
+                input_from=s.input_from, feeding=list(s.feeding),
             )
     layers.extend(found[i] for i in range(len(specs)))
     return cursor

@@ -89,3 +89,49 @@ def test_monitor_bad_arguments():
         mon.step()
     with nnvitals.Monitor(model) as mon, pytest.raises(RuntimeError):
         mon.report()
+
+
+def test_statistics_match_torch_on_the_same_pass():
+    """The batched reductions agree with torch's own mean/std on every layer, gradient and weight."""
+    model, x, y = M.healthy_deep_tanh()
+    outputs, grads = {}, {}
+
+    def keep(name):
+        def hook(module, args, out):
+            outputs[name] = out.detach().clone()
+            out.register_hook(lambda g: grads.__setitem__(name, g.detach().clone()))
+        return hook
+
+    for name, module in model.named_modules():
+        if name and not isinstance(module, nn.Flatten):
+            module.register_forward_hook(keep(name))
+    report = nnvitals.check(model, x, y)
+    for lay in report.layers:
+        assert lay.mean == pytest.approx(outputs[lay.name].mean().item(), abs=1e-5)
+        assert lay.std == pytest.approx(outputs[lay.name].std().item(), rel=1e-4)
+        assert lay.grad_std == pytest.approx(grads[lay.name].std().item(), rel=1e-3)
+        if lay.kind == "tanh":
+            assert lay.saturated == pytest.approx((outputs[lay.name].abs() > 0.97).float().mean().item())
+            assert sum(lay.hist) + sum(lay.hist_outside) == outputs[lay.name].numel()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for p in report.params:
+        if p.std is not None:
+            param = dict(model.named_parameters())[p.name]
+            assert p.std == pytest.approx(param.std().item(), rel=1e-4)
+            assert p.grad_std == pytest.approx(param.grad.std().item(), rel=1e-3)
+
+
+def test_update_ratio_is_the_measured_update():
+    model, x, y = M.healthy_deep_tanh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with nnvitals.Monitor(model, every=1) as mon:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    row = mon.history[0]["params"]
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            expected = torch.log10((p.detach() - before[name]).std() / before[name].std()).item()
+            assert row[name]["update_ratio"] == pytest.approx(expected, abs=1e-3)

@@ -1,0 +1,164 @@
+"""Training-step cost of watching a run: plain vs nnvitals.Monitor (every step, every 10th step).
+
+The network is the lesson's deep one: embedding 10, six bias-free Linear layers of width 100 with
+BatchNorm1d and Tanh, batch 32, plain SGD. Configurations are interleaved round by round (so a noisy
+neighbour hits them all alike) and each round's mean step time is compared with the plain loop's of
+the same round; the figure quoted is the median of those per-round ratios. Times are the process's
+CPU time (time.process_time), so a busy neighbour on a shared machine costs waiting, not measurement.
+
+    .venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 300] [--threads 1]
+
+With `--cockpit`, run under a Python that has `cockpit-for-pytorch` (see BENCHMARKS.md), it times
+Cockpit's "economy" configuration instead, on the same network without BatchNorm (BackPACK cannot
+extend BatchNorm in training mode), against nnvitals on that same network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+VOCAB, CONTEXT, EMBED, WIDTH, DEPTH, BATCH = 27, 3, 10, 100, 6, 32
+
+
+def deep_net(batchnorm: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    sizes = [EMBED * CONTEXT] + [WIDTH] * (DEPTH - 1) + [VOCAB]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b, bias=False))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(b))
+        if i < DEPTH - 1:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (4096, CONTEXT), generator=g), torch.randint(0, VOCAB, (4096,), generator=g)
+
+
+class Trainer:
+    """One training run that goes on across rounds, so one-time costs (first sampled step, caches) fall
+    into the warm-up round and each timed round is the steady state."""
+
+    def __init__(self, batchnorm: bool = True, every: int | None = None):
+        import nnvitals
+
+        self.model = nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.X, self.Y = data()
+        self.g = torch.Generator().manual_seed(2)
+        self.monitor = nnvitals.Monitor(self.model, every=every).__enter__() if every else None
+
+    def __call__(self, steps: int) -> float:
+        start = time.process_time()
+        for _ in range(steps):
+            ix = torch.randint(0, len(self.X), (BATCH,), generator=self.g)
+            loss = nn.functional.cross_entropy(self.model(self.X[ix]), self.Y[ix])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if self.monitor is not None:
+                self.monitor.step(loss)
+        return (time.process_time() - start) / steps
+
+
+class CockpitTrainer:
+    """The same network without BatchNorm (BackPACK cannot extend it in training mode) under Cockpit's
+    "economy" configuration, tracking every `every` steps."""
+
+    def __init__(self, every: int):
+        from backpack import extend
+        from cockpit import Cockpit
+        from cockpit.utils import schedules
+        from cockpit.utils.configuration import configuration
+
+        # BackPACK extends the Linear/Tanh stack; the embedding lookup happens outside it.
+        self.emb = nn.Embedding(VOCAB, EMBED)
+        self.net = extend(deep_net(batchnorm=False))
+        self.loss_fn = extend(nn.CrossEntropyLoss())
+        self.per_example = nn.CrossEntropyLoss(reduction="none")
+        self.opt = torch.optim.SGD([*self.emb.parameters(), *self.net.parameters()], lr=0.1)
+        self.cockpit = Cockpit(list(self.net.parameters()),
+                               quantities=configuration("economy", track_schedule=schedules.linear(every)))
+        self.X, self.Y = data()
+        self.g = torch.Generator().manual_seed(2)
+        self.step = 0
+
+    def __call__(self, steps: int) -> float:
+        start = time.process_time()
+        for _ in range(steps):
+            ix = torch.randint(0, len(self.X), (BATCH,), generator=self.g)
+            out = self.net(self.emb(self.X[ix]).flatten(1))
+            loss = self.loss_fn(out, self.Y[ix])
+            losses = self.per_example(out, self.Y[ix])
+            self.opt.zero_grad(set_to_none=True)
+            info = {"batch_size": BATCH, "individual_losses": losses, "loss": loss, "optimizer": self.opt}
+            with self.cockpit(self.step, info=info):
+                loss.backward(create_graph=self.cockpit.create_graph(self.step))
+            self.opt.step()
+            self.step += 1
+        return (time.process_time() - start) / steps
+
+
+def measure(configs: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, float]]:
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, fn in configs.items():
+            times[name].append(fn())
+    base = next(iter(configs))
+    result = {}
+    for name in configs:
+        ratios = [t / b for t, b in zip(times[name], times[base], strict=True)]
+        result[name] = {"ms_per_step": 1000 * statistics.median(times[name]), "ratio": statistics.median(ratios)}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=500, help="steps per round (a multiple of 100)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cockpit", action="store_true", help="time Cockpit economy (needs cockpit-for-pytorch)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.steps
+    if args.cockpit:
+        trainers: dict[str, Callable[[int], float]] = {
+            "plain (no BatchNorm)": Trainer(batchnorm=False),
+            "nnvitals every=1 (no BatchNorm)": Trainer(batchnorm=False, every=1),
+            "nnvitals every=10 (no BatchNorm)": Trainer(batchnorm=False, every=10),
+            "Cockpit economy every=1 (no BatchNorm)": CockpitTrainer(every=1),
+            "Cockpit economy every=10 (no BatchNorm)": CockpitTrainer(every=10),
+        }
+    else:
+        trainers = {
+            "plain": Trainer(),
+            "nnvitals Monitor(every=1)": Trainer(every=1),
+            "nnvitals Monitor(every=10)": Trainer(every=10),
+            "nnvitals Monitor(every=100)": Trainer(every=100),
+        }
+    for trainer in trainers.values():  # warm-up round, not timed: imports, caches, first sampled step
+        trainer(n)
+    configs = {name: (lambda t=trainer: t(n)) for name, trainer in trainers.items()}
+    result = measure(configs, args.rounds)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'configuration':42s} {'ms/step':>9s} {'x plain':>8s}   (median of {args.rounds} interleaved rounds "
+          f"of {n} steps, {args.threads} thread)")
+    for name, r in result.items():
+        print(f"{name:42s} {r['ms_per_step']:9.3f} {r['ratio']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
