@@ -272,8 +272,9 @@ class Monitor:
         self.every = every
         self.steps = 0  # optimizer steps seen so far
         self._recorder = Recorder(model, functions=True)
-        self._passes: list[tuple[int, Any, RawPass]] = []  # (step, loss, numbers) per sampled step
-        self._recent: collections.deque[RawPass] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
+        # (step, loss, numbers) per sampled step; numbers are read (and become a history row) when asked
+        self._passes: list[tuple[int, Any, RawPass | PassStats]] = []
+        self._recent: collections.deque[RawPass | PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
         self._rows: dict[int, dict[str, Any]] = {}
         self._before: list[torch.Tensor] | None = None
         self._start_loss: Any = None
@@ -320,6 +321,8 @@ class Monitor:
                 self._recent.append(raw)
                 if len(self._passes) > self.HISTORY_LIMIT:
                     self._passes = [*self._passes[:-1:2], self._passes[-1]]
+                    kept = {step for step, _, _ in self._passes}
+                    self._rows = {k: v for k, v in self._rows.items() if k in kept or k < self._passes[0][0]}
             if not self._functions_checked and raw.chunks:
                 # Watching activation functions costs a little on every op; keep it only if the model has any.
                 self._recorder.functions = self._recorder.found_functions
@@ -330,12 +333,31 @@ class Monitor:
     @property
     def history(self) -> list[dict[str, Any]]:
         """One row per sampled step: loss, per-layer mean/std/saturation/dead/grad std, per-weight ratios."""
-        rows = []
         for step, loss, raw in self._passes:
             if step not in self._rows:
                 self._rows[step] = _history_row(step, raw.stats(), _as_float(loss))
-            rows.append(self._rows[step])
-        return rows
+        return [self._rows[step] for step in sorted(self._rows)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue watching after a restart, as plain data (for a checkpoint)."""
+        return {"every": self.every, "steps": self.steps, "start_loss": _as_float(self._start_loss),
+                "history": self.history, "recent": [r.stats().to_dict() for r in self._recent],
+                "last_loss": _as_float(self._passes[-1][1]) if self._passes else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: the same step count, history and findings as before the restart."""
+        if state["every"] != self.every:
+            raise ValueError(f"the saved Monitor sampled every {state['every']} steps, this one every {self.every}")
+        self.steps = state["steps"]
+        self._start_loss = state["start_loss"]
+        self._rows = {row["step"]: row for row in state["history"]}
+        recent = [PassStats.from_dict(d) for d in state["recent"]]
+        self._recent.clear()
+        self._recent.extend(recent)
+        last_step = state["history"][-1]["step"] if state["history"] else 0
+        self._passes = [(last_step, state["last_loss"], recent[-1])] if recent else []
+        if self._entered:
+            self._arm()
 
     def report(self) -> Report:
         """The latest sampled step's statistics with the findings drawn from them and the earlier ones."""

@@ -169,6 +169,37 @@ class PassStats:
     first_nonfinite_backward: tuple[str, str | None] | None = None  # (output of, consumed by)
     inputs_nonfinite: bool = False
 
+    def stats(self) -> PassStats:
+        return self
+
+    def drop_maps(self) -> None:
+        for lay in self.layers:
+            lay.sat_map = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings), e.g. for a checkpoint; saturation maps are left out."""
+        d = dataclasses.asdict(self)
+        d["layers"] = [lay.to_dict() for lay in self.layers]
+        d["params"] = [p.to_dict() for p in self.params]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PassStats:
+        def tuples(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list) else value
+
+        layers = [LayerStats(**{k: tuples(v) if k in ("shape", "hist_range", "hist_outside") else v
+                                for k, v in lay.items()}) for lay in d["layers"]]
+        params = [ParamStats(**{k: tuples(v) if k == "shape" else v for k, v in p.items() if k != "grad_to_weight"})
+                  for p in d["params"]]
+        rest = {k: v for k, v in d.items() if k not in ("layers", "params")}
+        rest["output_shape"] = tuples(rest["output_shape"])
+        rest["output_params"] = [tuple(x) for x in rest["output_params"]]
+        rest["bias_before_norm"] = [tuple(x) for x in rest["bias_before_norm"]]
+        rest["first_nonfinite_backward"] = tuples(rest["first_nonfinite_backward"])
+        rest["mode_events"] = [ModeEvent(**ev) for ev in rest["mode_events"]]
+        return cls(layers, params, **rest)
+
 
 @dataclass
 class _Spec:
@@ -770,8 +801,8 @@ class RawPass:
 
 
 def _mean_std(total: float, squares: float, count: int) -> tuple[float, float]:
-    mean = total / count
-    return mean, math.sqrt(max(squares - total * mean, 0.0) / max(count - 1, 1))
+    mean = float(total) / count
+    return mean, math.sqrt(max(float(squares) - float(total) * mean, 0.0) / max(count - 1, 1))
 
 
 def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], values: np.ndarray, cursor: int,

@@ -135,3 +135,41 @@ def test_update_ratio_is_the_measured_update():
         if p.dim() >= 2:
             expected = torch.log10((p.detach() - before[name]).std() / before[name].std()).item()
             assert row[name]["update_ratio"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_state_dict_resumes_with_the_same_history_and_findings():
+    import json
+
+    def run(steps, model, opt, mon, g, data, targets):
+        for _ in range(steps):
+            ix = torch.randint(0, 512, (32,), generator=g)
+            loss = nn.functional.cross_entropy(model(data[ix]), targets[ix])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+
+    def fresh():
+        model, _, _ = EXAMPLES["makemore-naive"]()
+        g = torch.Generator().manual_seed(3)
+        data = torch.randint(0, 27, (512, 3), generator=g)
+        targets = torch.randint(0, 27, (512,), generator=g)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1), g, data, targets
+
+    model, opt, g, data, targets = fresh()
+    with nnvitals.Monitor(model, every=4) as mon:
+        run(30, model, opt, mon, g, data, targets)
+    whole_history, whole_codes = mon.history, [(f.code, f.where) for f in mon.findings()]
+
+    model, opt, g, data, targets = fresh()
+    with nnvitals.Monitor(model, every=4) as mon:
+        run(13, model, opt, mon, g, data, targets)
+    state = json.loads(json.dumps(mon.state_dict()))  # plain data survives a checkpoint
+    with nnvitals.Monitor(model, every=4) as resumed:
+        resumed.load_state_dict(state)
+        run(17, model, opt, resumed, g, data, targets)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole_history]
+    assert resumed.history == whole_history
+    assert [(f.code, f.where) for f in resumed.findings()] == whole_codes
+    with pytest.raises(ValueError):
+        nnvitals.Monitor(model, every=5).load_state_dict(state)
