@@ -151,7 +151,8 @@ def start_loss(e: Evidence) -> Iterator[Finding]:
                f"starting loss {loss:.3g} -> {f.loss_after:.3g} (baseline {v.baseline:.2f} for "
                f"{e.classes} classes).")
     severity: Severity = "error" if v.excess > START_LOSS_ERROR_EXCESS else "warning"
-    yield Finding("start-loss-high", severity, e.stats.output_name or "output", evidence, v.message, fix)
+    where = e.stats.output_name or (f.scale[0] if f is not None else "output")
+    yield Finding("start-loss-high", severity, where, evidence, v.message, fix)
 
 
 def saturated_activations(e: Evidence) -> Iterator[Finding]:

@@ -2,12 +2,11 @@
 
 A `Recorder` attaches forward hooks to the layers worth watching (linear, normalisation, embedding and
 activation modules) and, through a `TorchFunctionMode`, to activations called as functions inside a
-`forward` (`torch.tanh(x)`, `F.relu(x)`). Each hook only keeps a detached copy of the layer's output
-(a copy, because a later in-place op such as `ReLU(inplace=True)` would otherwise change it) and, in
-backward, of the gradient arriving at it. `collect()` then reduces all copies of a pass at once: the
-outputs are concatenated into one vector and every statistic (moments, extrema, saturation, dead units,
-histograms) is a handful of segment-wise ops over it, so the cost does not grow with the number of
-layers and there is exactly one device-to-host transfer per pass.
+`forward` (`torch.tanh(x)`, `F.relu(x)`). A hook only keeps the layer's output (a copy, unless autograd
+already forbids changing it in place) and, in backward, the gradient arriving at it. `collect()` then
+stacks the outputs of the same kind and shape and reduces each stack in a few ops (moments, saturation,
+dead units, histograms), so the cost hardly grows with depth, and moves everything to the host in one
+transfer. Reading those numbers into `PassStats` waits until somebody asks (`RawPass.stats()`).
 """
 
 from __future__ import annotations
@@ -222,17 +221,13 @@ def _bincount(index: torch.Tensor, length: int) -> torch.Tensor:
     return torch.bincount(index, minlength=length)
 
 
-def _foreach_moments(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tensor, the sum and the sum of squares, from fused norms (one call for the whole list):
-    |t + 1|^2 = |t|^2 + 2 sum(t) + n gives the sum. The sum only corrects the mean, so the float32
-    rounding of |t + 1|^2 (about n * 1e-7) does not reach the std in any digit that is shown."""
-    if not tensors:
-        empty = torch.zeros(0)
-        return empty, empty
-    squares = torch.stack(torch._foreach_norm(tensors)).double() ** 2
-    shifted = torch.stack(torch._foreach_norm(torch._foreach_add(tensors, 1.0))).double() ** 2
-    counts = torch.tensor([t.numel() for t in tensors], dtype=torch.float64, device=squares.device)
-    return (shifted - squares - counts) / 2, squares
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+
+
+def _moments(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per tensor, the sum and the sum of squares (a NaN or Inf anywhere shows in both)."""
+    return [torch.stack([t.sum() for t in tensors]), torch.stack([(t * t).sum() for t in tensors])]
 
 
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
@@ -376,7 +371,7 @@ class _FunctionWatcher(TorchFunctionMode):
 
 
 class Recorder:
-    """Hooks on one model that measure its layers during a pass; `collect()` returns a `PassStats`.
+    """Hooks on one model that measure its layers during a pass; `collect()` returns a `RawPass`.
 
     functions: also watch activation functions called inside forward (costs a little on every op).
     trace_all: also check every module's output for NaN/Inf, to name the module that produced one.
@@ -652,18 +647,21 @@ class Recorder:
 
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
-        """The norms of every parameter and of its gradient (NaN/Inf when any value is); then, for the
-        weights, the sums and sums of squares of the weights, their gradients and their updates."""
-        weights = [p.detach() for _, p, _ in ps]
-        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for _, p, _ in ps]
-        parts = [torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))]
+        """For the weights (2-D and more): the sums and sums of squares of the weights, their gradients
+        and their updates. For the other parameters (biases, gains): their norms and their gradients',
+        which only tell whether they are finite."""
         index = self._weights()
-        w = [weights[i] for i in index]
-        measured = [w, [grads[i] for i in index]]
-        if before is not None and len(before) == len(w):
-            measured.append(list(torch._foreach_sub(w, before)))
-        for tensors in measured:
-            parts += _foreach_moments(tensors)
+        others = [i for i in range(len(ps)) if i not in set(index)]
+        w = [ps[i][1].detach() for i in index]
+        g = [_grad_or_zeros(ps[i][1]) for i in index]
+        parts = []
+        for tensors in (w, g, torch._foreach_sub(w, before) if before is not None and len(before) == len(w) else []):
+            if tensors:
+                parts += _moments(tensors)
+        if others:
+            rest = [ps[i][1].detach() for i in others]
+            rest_grads = [_grad_or_zeros(ps[i][1]) for i in others]
+            parts += [torch.stack(torch._foreach_norm(rest)), torch.stack(torch._foreach_norm(rest_grads))]
         return torch.cat(parts).double()
 
     # -- collecting ----------------------------------------------------------------------------------
@@ -754,9 +752,6 @@ class RawPass:
                         layer.grad_hist = h[1:-1].tolist()
         params: list[ParamStats] = []
         if self.params:
-            n = len(self.params)
-            w_norm, g_norm = host[cursor:cursor + n], host[cursor + n:cursor + 2 * n]
-            cursor += 2 * n
             k = len(self.weights)
             counts = [math.prod(self.params[i][1]) for i in self.weights]
             stds = []
@@ -764,19 +759,25 @@ class RawPass:
                 sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
                 cursor += 2 * k
                 stds.append([_mean_std(a, b, n)[1] for a, b, n in zip(sums, squares, counts, strict=True)])
-            # param index -> [w std, grad std(, update std)]
+            # param index -> [w std, grad std(, update std)]; a NaN/Inf anywhere makes its std NaN
             spread = {i: [column[j] for column in stds] for j, i in enumerate(self.weights)}
+            others = [i for i in range(len(self.params)) if i not in spread]
+            norms = {i: (host[cursor + j], host[cursor + len(others) + j]) for j, i in enumerate(others)}
+            cursor += 2 * len(others)
             for i, (name, shape, module, has_grad) in enumerate(self.params):
                 measured = spread.get(i)
                 w_std = g_std = ratio = None
                 if measured is not None:
                     w_std, g_std = measured[0], measured[1]
+                    w_check, g_check = w_std, g_std
                     update = measured[2] if len(measured) == 3 else self.lr * g_std if self.lr is not None else None
                     if has_grad and update is not None and w_std > 0:
                         # -inf: the weight did not move at all (its gradient is zero)
                         ratio = math.log10(update / w_std) if update > 0 else -math.inf
+                else:
+                    w_check, g_check = norms[i]
                 params.append(ParamStats(name, shape, module, w_std, g_std if has_grad else None,
-                                         not math.isfinite(w_norm[i]), has_grad and not math.isfinite(g_norm[i]),
+                                         not math.isfinite(w_check), has_grad and not math.isfinite(g_check),
                                          ratio))
         flag_values = host[cursor:]
         result = dataclasses.replace(self.base, layers=layers, params=params)
