@@ -17,9 +17,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# The main job: the makemore part 3 lab, quick profile, on the lesson's data when it is available
+# (NNVITALS_DATA or a fetched copy), else on the embedded default. The report lands in runs/.
 run: $(VENV)/.installed
-	$(BIN)/nnvitals check --example makemore-naive --plots runs/example-plots; \
-	  status=$$?; [ $$status -le 1 ] || exit $$status
+	$(BIN)/nnvitals lab
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

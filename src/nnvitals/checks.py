@@ -322,7 +322,7 @@ def update_ratio(e: Evidence) -> Iterator[Finding]:
         how = "measured over the last steps" if e.history or len(values) > 1 or e.lr is None else \
             f"lr {e.lr:g} x std(grad) / std(weight), as for plain SGD"
         size = "too large: each step rewrites" if ratio > UPDATE_RATIO_HIGH else "too small: each step changes only"
-        message = (f"Updates of `{p.name}` are {size} about {_pct(10 ** ratio)} of the weight "
+        message = (f"Updates of `{p.name}` are {size} about {100 * 10 ** ratio:.2g}% of the weight "
                    f"(log10 update/weight = {ratio:.2f}, {how}; the rule of thumb is near {UPDATE_RATIO_TARGET:g}).")
         fix = (f"multiply the learning rate for `{p.name}` by about {factor:.2g} (towards log10 ratio "
                f"{UPDATE_RATIO_TARGET:g}), or check its initial scale.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -11,16 +12,32 @@ import click
 from rich.console import Console
 
 from nnvitals import numbers
-from nnvitals.study.cli import study
 
 
-@click.group(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command groups that live in their own modules are imported when used, not at start-up
+    (the lab's imports torch, which takes seconds to load; the lesson's commands should start at once)."""
+
+    elsewhere = {"lab": "nnvitals.lab.cli", "data": "nnvitals.lab.cli", "study": "nnvitals.study.cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.elsewhere})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.elsewhere:
+            command = getattr(importlib.import_module(self.elsewhere[name]), name)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nnvitals")
 def app() -> None:
     """Diagnose a network's training health from the numbers that matter, and learn why."""
 
+
 out = Console(highlight=False)
-app.add_command(study)
 # Negative numbers ("nnvitals tanh -2") are values, not options.
 NUMERIC_ARGS = {"ignore_unknown_options": True}
 
@@ -218,7 +235,6 @@ def _print_report(report: Any, title: str) -> None:
         out.print(f"[{style}]{f.severity}[/] [bold]{f.code}[/] at {f.where}")
         out.print(f"  {f.message}", markup=False, soft_wrap=True)
         out.print(f"  fix: {f.fix}", markup=False, soft_wrap=True)
-
 
 
 

@@ -321,8 +321,8 @@ class Monitor:
                 self._recent.append(raw)
                 if len(self._passes) > self.HISTORY_LIMIT:
                     self._passes = [*self._passes[:-1:2], self._passes[-1]]
-                    kept = {step for step, _, _ in self._passes}
-                    self._rows = {k: v for k, v in self._rows.items() if k in kept or k < self._passes[0][0]}
+                    steps_kept = {step for step, _, _ in self._passes}
+                    self._rows = {k: v for k, v in self._rows.items() if k in steps_kept or k < self._passes[0][0]}
             if not self._functions_checked and raw.chunks:
                 # Watching activation functions costs a little on every op; keep it only if the model has any.
                 self._recorder.functions = self._recorder.found_functions

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,13 +134,12 @@ def save_all(report: Report, directory: Path) -> list[Path]:
     paths = []
     for name, png in render_all(report):
         path = directory / f"{name}.png"
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".png.tmp")
+        tmp = directory / f".{name}.{os.getpid()}.png.tmp"  # an ordinary file, permissions by the umask
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(png)
+            tmp.write_bytes(png)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         paths.append(path)
     return paths

@@ -63,9 +63,9 @@ def healthy_transformer():
 
 
 def healthy_deep_tanh():
-    from nnvitals.examples import deep_tanh_batchnorm
+    from nnvitals.examples import EXAMPLES
 
-    return deep_tanh_batchnorm()
+    return EXAMPLES["deep-tanh-batchnorm"]()
 
 
 class FunctionalTanh(nn.Module):

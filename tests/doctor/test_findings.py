@@ -138,9 +138,9 @@ def test_bias_before_batchnorm_is_info():
 
 def test_batchnorm_in_eval_mode_during_training():
     model, x, y = M.healthy_deep_tanh()
-    model[6].eval()
+    model.layers[4].eval()
     f = next(f for f in nnvitals.check(model, x, y).findings if f.code == "train-eval-mode")
-    assert f.where == "6" and f.evidence["modules"] == ["6"]
+    assert f.where == "layers.4" and f.evidence["modules"] == ["layers.4"]
     assert "model.train()" in f.fix
 
 
