@@ -338,23 +338,25 @@ def bias_before_norm(e: Evidence) -> Iterator[Finding]:
             f"construct `{linear}` with bias=False; `{norm}`'s own bias plays that role.")
 
 
+# (gradients on, module in train mode) -> what it means and the fix, for the two wrong combinations
+_MODE_MISTAKES = {
+    (True, False): ("{names} {verb} in eval mode during a training step: BatchNorm then normalises with its "
+                    "running statistics and stops updating them, and Dropout is off.",
+                    "call model.train() before training steps (and model.eval() only around evaluation)."),
+    (False, True): ("Inference under torch.no_grad() with {names} in train mode: each prediction depends on the "
+                    "other examples of its batch, and the running statistics absorb the evaluation data.",
+                    "call model.eval() before evaluating or predicting, and model.train() after."),
+}
+
+
 def train_eval_mode(e: Evidence) -> Iterator[Finding]:
-    training_eval = sorted({ev.name for ev in e.stats.mode_events if ev.grad_enabled and not ev.training})
-    if training_eval:
-        names = ", ".join(f"`{n}`" for n in training_eval[:5])
-        yield Finding(
-            "train-eval-mode", "warning", training_eval[0], {"modules": training_eval},
-            f"{names} {'is' if len(training_eval) == 1 else 'are'} in eval mode during a training step: BatchNorm "
-            "then normalises with its running statistics and stops updating them, and Dropout is off.",
-            "call model.train() before training steps (and model.eval() only around evaluation).")
-    inference_train = sorted({ev.name for ev in e.stats.mode_events if not ev.grad_enabled and ev.training})
-    if inference_train:
-        names = ", ".join(f"`{n}`" for n in inference_train[:5])
-        yield Finding(
-            "train-eval-mode", "warning", inference_train[0], {"modules": inference_train},
-            f"Inference under torch.no_grad() with {names} in train mode: each prediction depends on the other "
-            "examples of its batch, and the running statistics absorb the evaluation data.",
-            "call model.eval() before evaluating or predicting, and model.train() after.")
+    for (grad, training), (message, fix) in _MODE_MISTAKES.items():
+        modules = sorted({ev.name for ev in e.stats.mode_events
+                          if ev.grad_enabled == grad and ev.training == training})
+        if modules:
+            names = ", ".join(f"`{n}`" for n in modules[:5])
+            yield Finding("train-eval-mode", "warning", modules[0], {"modules": modules},
+                          message.format(names=names, verb="is" if len(modules) == 1 else "are"), fix)
 
 
 def nonfinite(e: Evidence) -> Iterator[Finding]:

@@ -119,12 +119,13 @@ def _strict(o: Any) -> Any:
 
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch's inputs as the model's arguments: a tensor, a tuple/list of them, or a dict of keywords."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return (), dict(inputs)
     if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def _classification(out: Any, targets: Any, loss_fn: LossFn | None) -> int | None:
@@ -173,8 +174,7 @@ def _output_fix(model: nn.Module, inputs: Any, targets: Any, out: torch.Tensor, 
     params = dict(model.named_parameters())
     swapped = {n: params[n].detach() * factor for n in scale}
     swapped.update({n: torch.zeros_like(params[n]) for n in zero})
-    args = () if isinstance(inputs, Mapping) else tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
-    kwargs = dict(inputs) if isinstance(inputs, Mapping) else None
+    args, kwargs = _arguments(inputs)
     _set_rng_states(rng)
     with torch.no_grad():
         new_out = torch.func.functional_call(model, swapped, args, kwargs)
@@ -199,7 +199,7 @@ def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = 
     fn: LossFn = loss_fn if loss_fn is not None else default_loss
     saved_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    saved_grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    saved_grads = {n: p.grad for n, p in model.named_parameters()}  # set aside, so backward cannot touch them
     saved_modes = {m: m.training for m in model.modules()}
     rng = _rng_states()
     recorder = Recorder(model, functions=True, trace_all=True)
@@ -208,7 +208,8 @@ def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = 
             p.grad = None
         recorder.attach()
         with torch.enable_grad():
-            out = _call(model, inputs)
+            args, kwargs = _arguments(inputs)
+            out = model(*args, **kwargs)
             loss = fn(out, targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("the loss function must return a single-element tensor")
