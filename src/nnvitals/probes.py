@@ -225,9 +225,10 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
 
-def _moments(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per tensor, the sum and the sum of squares (a NaN or Inf anywhere shows in both)."""
-    return [torch.stack([t.sum() for t in tensors]), torch.stack([(t * t).sum() for t in tensors])]
+def _moments(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per tensor, the sum and the sum of squares (a NaN or Inf anywhere shows in both); the squares come
+    from one fused norm call for the whole list."""
+    return [torch.stack([t.sum() for t in tensors]), torch.stack(torch._foreach_norm(tensors)).double() ** 2]
 
 
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
@@ -434,7 +435,8 @@ class Recorder:
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunk_layouts: list[list[_Spec]] = []
         self._maps: list[tuple[str, torch.Tensor]] = []  # layer name -> saturation-map cells (device)
-        self._grads: dict[int, torch.Tensor] = {}  # spec index -> gradient copy
+        # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad)
+        self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None]] = {}
         self._names_used: dict[str, int] = {}
         self._mode_events: list[ModeEvent] = []
@@ -571,17 +573,14 @@ class Recorder:
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
         if out.requires_grad:
-            out.register_hook(self._grad_hook(index))
+            # retain_grad costs one C++ call (a Python hook per tensor cost several times more)
+            out.retain_grad()
+            self._grad_sources.append((index, out, out._version))
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(name))
         self._pending += out.numel()
         if self._pending > FLUSH_ELEMENTS:
             self._flush()
-
-    def _grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(g: torch.Tensor) -> None:
-            self._grads[index] = g.detach().clone()
-        return hook
 
     # -- reduction ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -657,7 +656,7 @@ class Recorder:
         parts = []
         for tensors in (w, g, torch._foreach_sub(w, before) if before is not None and len(before) == len(w) else []):
             if tensors:
-                parts += _moments(tensors)
+                parts += _moments(list(tensors))
         if others:
             rest = [ps[i][1].detach() for i in others]
             rest_grads = [_grad_or_zeros(ps[i][1]) for i in others]
@@ -673,10 +672,14 @@ class Recorder:
         `before`: a `snapshot_params()` taken before the optimizer step."""
         self._flush()
         parts = list(self._partials)
-        grad_index = sorted(self._grads)
+        # A gradient is read only if its output was not changed in place afterwards (it would then be the
+        # gradient of something else); it is then dropped from the tensor, which the user never asked for.
+        grads = {i: t.grad for i, t, version in self._grad_sources if t.grad is not None and t._version == version}
+        for _, t, _ in self._grad_sources:
+            t.grad = None
+        grad_index = sorted(grads)
         if grad_index:
-            parts.append(self._reduce_grads([self._specs[i] for i in grad_index],
-                                            [self._grads[i] for i in grad_index]))
+            parts.append(self._reduce_grads([self._specs[i] for i in grad_index], [grads[i] for i in grad_index]))
         ps = self._param_tensors()
         if ps:
             parts.append(self._reduce_params(ps, before, lr))
