@@ -61,3 +61,10 @@ def test_bad_targets_exit_2_with_one_line(run_cli, tmp_path, body, words):
 def test_bad_arguments_exit_2(run_cli, args):
     code, _, err = run_cli(*args)
     assert code == 2 and err.startswith("error: ")
+
+
+def test_every_example_is_offered_by_the_command():
+    from nnvitals.cli import EXAMPLE_NAMES  # kept in the CLI so that --help does not load torch
+    from nnvitals.examples import EXAMPLES
+
+    assert tuple(EXAMPLES) == EXAMPLE_NAMES
