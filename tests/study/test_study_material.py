@@ -45,7 +45,7 @@ def test_the_file_types_no_figure_by_hand_and_cases_hold_inputs_only():
         assert set(case) <= {"id", "kind", "story", "classes", "loss", "preactivation"}
     for item in (*doc["practice"]["questions"], *doc["flashcards"]["cards"]):
         answer = item["answer"]
-        # the lesson's computed figures must arrive through placeholders, never typed
+        # the lesson's computed figures must arrive through fields, never typed
         for typed in ("3.30", "3.91", "0.964", "0.07", "7%", "1.67"):
             assert typed not in answer, (item["id"], typed)
 
@@ -62,8 +62,8 @@ def test_a_reworded_lesson_keeps_its_ids(tmp_path: Path):
 @pytest.mark.parametrize(
     "change, complaint",
     [
-        (("{baseline_27}", "{baseline_twenty}"), "placeholder"),
-        (("{baseline_27}", "{speed_of_light}"), "unknown placeholder"),
+        (("{baseline_27}", "{baseline_twenty}"), "field"),
+        (("{baseline_27}", "{speed_of_light}"), "unknown field"),
         (('id = "card-llm"', 'id = "card-baseline"'), "used twice"),
         (('kind = "tanh"\npreactivation', 'kind = "relu"\npreactivation'), "kind"),
         (("classes = 50", "classes = 1"), "at least 2"),

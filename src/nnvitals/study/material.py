@@ -1,6 +1,6 @@
 """The lesson material: one TOML file in the package, read by every surface (terminal, web, PDF, Anki).
 
-Figures in the text are placeholders such as ``{baseline_27}``, filled in here from nnvitals.numbers,
+Figures in the text are fields such as ``{baseline_27}``, filled in here from nnvitals.numbers,
 so the material can never disagree with the arithmetic the doctor uses.
 """
 
@@ -25,7 +25,7 @@ _ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 class MaterialError(Exception):
-    """The lesson file is missing, malformed or refers to a placeholder that does not exist."""
+    """The lesson file is missing, malformed or refers to a field that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Lesson:
 
 
 class _Figures(Mapping[str, str]):
-    """The values behind the placeholders, computed on demand: `{name_argument}` -> text.
+    """The values behind the fields, computed on demand: `{name_argument}` -> text.
 
     `inputs` are a case's own figures ({classes}, {loss}, {preactivation}) for its story.
     """
@@ -110,8 +110,8 @@ class _Figures(Mapping[str, str]):
             if key == "saturation_cut":
                 return f"{numbers.SATURATION_CUT:g}"
         except (TypeError, ValueError) as e:
-            raise MaterialError(f"placeholder {{{key}}}: {e}") from None
-        raise MaterialError(f"unknown placeholder {{{key}}} in the lesson file")
+            raise MaterialError(f"field {{{key}}}: {e}") from None
+        raise MaterialError(f"unknown field {{{key}}} in the lesson file")
 
     def __iter__(self) -> Any:
         return iter(())
@@ -124,12 +124,12 @@ def _fill(text: str, inputs: Mapping[str, str] | None = None) -> str:
     try:
         return text.format_map(_Figures(inputs))
     except (ValueError, IndexError) as e:
-        raise MaterialError(f"bad placeholder in {text[:40]!r}...: {e}") from None
+        raise MaterialError(f"bad field in {text[:40]!r}...: {e}") from None
 
 
 def tell(story: str, classes: int | None = None, loss: float | None = None,
          preactivation: float | None = None) -> str:
-    """Fill a case story's placeholders with the case's inputs (and any lesson figures)."""
+    """Fill a case story's fields with the case's inputs (and any lesson figures)."""
     inputs = {k: f"{v:g}" for k, v in
               (("classes", classes), ("loss", loss), ("preactivation", preactivation)) if v is not None}
     return _fill(story, inputs)
@@ -189,7 +189,7 @@ def _drill_stories(doc: Mapping[str, Any]) -> dict[CaseKind, str]:
     table = doc.get("exercise", {}).get("drill", {})
     stories = {kind: _raw_text(table, kind, "[exercise.drill]") for kind in CASE_KINDS}
     for story in stories.values():
-        tell(story, classes=2, loss=1.0, preactivation=1.0)  # every placeholder must resolve
+        tell(story, classes=2, loss=1.0, preactivation=1.0)  # every field must resolve
     return stories
 
 
@@ -197,7 +197,7 @@ DEFAULT_PATH = "lesson.toml"
 
 
 def load(path: str | Path | None = None) -> Lesson:
-    """Read and check the lesson file (the packaged one unless `path` is given), placeholders filled."""
+    """Read and check the lesson file (the packaged one unless `path` is given), fields filled."""
     try:
         if path is None:
             raw = resources.files("nnvitals.study").joinpath(DEFAULT_PATH).read_text(encoding="utf-8")
