@@ -18,6 +18,7 @@ from torch import nn
 
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
+from nnvitals.integrations import tensorboard as tensorboard_output
 from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -259,12 +260,13 @@ class Monitor:
     Hooks are attached only for sampled steps. Training with and without a Monitor gives bit-identical
     parameters: the hooks copy what they see and change nothing. A sampled step costs its device work
     and one transfer; the numbers are read into statistics only when findings, history or plots are
-    asked for.
+    asked for (or, with `tensorboard=` a SummaryWriter or a folder, written there on every sampled step,
+    with the findings as text when the Monitor closes).
     """
 
     HISTORY_LIMIT = 2048  # sampled steps kept; beyond it every other older one is dropped
 
-    def __init__(self, model: nn.Module, every: int = 10):
+    def __init__(self, model: nn.Module, every: int = 10, *, tensorboard: Any = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -281,6 +283,9 @@ class Monitor:
         self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False
+        self._writer = None
+        if tensorboard is not None:
+            self._writer = tensorboard_output.open_writer(tensorboard)
 
     def __enter__(self) -> Monitor:
         self._entered = True
@@ -290,6 +295,8 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self._entered = False
         self._recorder.detach()
+        if self._writer is not None and self._recent:
+            tensorboard_output.write_findings(self._writer, self._passes[-1][0], self.findings())
 
     def close(self) -> None:
         self.__exit__()
@@ -320,6 +327,8 @@ class Monitor:
                     self._passes[-1][2].drop_maps()
                 self._passes.append((self.steps, kept, raw))
                 self._recent.append(raw)
+                if self._writer is not None:
+                    tensorboard_output.write_step(self._writer, self.steps, raw.stats(), _as_float(kept))
                 if len(self._passes) > self.HISTORY_LIMIT:
                     self._passes = [*self._passes[:-1:2], self._passes[-1]]
                     steps_kept = {step for step, _, _ in self._passes}

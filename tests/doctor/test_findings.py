@@ -177,6 +177,10 @@ def test_report_serialises_and_draws(tmp_path):
 
     model, x, y = EXAMPLES["makemore-naive"]()
     report = nnvitals.check(model, x, y)
+    tanh = report.layers[0]
+    # saturated units sit at exactly +-1.0: inside the histogram's range, in its end bins
+    assert tanh.hist_outside == (0.0, 0.0) and sum(tanh.hist) == 32 * 200
+    assert tanh.hist[0] + tanh.hist[-1] > 0.5 * 32 * 200
     data = json.loads(report.to_json())
     assert data["findings"][0]["code"] in CODES and data["layers"][0]["saturated"] > 0.5
     paths = report.save_plots(tmp_path)
