@@ -140,6 +140,9 @@ def _classification(out: Any, targets: Any, loss_fn: LossFn | None) -> int | Non
 
 def default_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the last dimension's classes (any leading dimensions are examples)."""
+    if not isinstance(out, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"the default loss (cross-entropy) needs a tensor of logits and a tensor of targets; the "
+                        f"model returned {type(out).__name__}: pass loss_fn(output, targets) for anything else")
     if targets.is_floating_point() and targets.shape == out.shape:
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1, out.shape[-1]))
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))

@@ -107,3 +107,36 @@ def test_inputs_as_tuple_and_dict_and_custom_loss():
     assert r1.loss == pytest.approx(r2.loss)
     assert r1.classes is None  # a regression loss is not judged against ln(V)
     assert [lay.name for lay in r1.layers] == ["a", "relu()", "b"]
+
+
+def test_in_place_relu_after_a_convolution():
+    """torchvision-style blocks: the conv's output is overwritten by ReLU(inplace=True); its statistics are
+    those of the conv output as it was, and the training step is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    report = nnvitals.check(model, x, y)
+    conv = next(lay for lay in report.layers if lay.name == "0")
+    with torch.no_grad():
+        raw = model[0](x)
+    assert conv.mean == pytest.approx(raw.mean().item(), abs=1e-5)  # before the ReLU, negative values and all
+    assert conv.std == pytest.approx(raw.std().item(), rel=1e-4)
+    relu = next(lay for lay in report.layers if lay.name == "1")
+    assert relu.inactive == pytest.approx((raw <= 0).float().mean().item())
+
+
+def test_a_model_returning_a_dict_needs_a_loss_function():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc(x)}
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match="loss_fn"):
+        nnvitals.check(Named(), x, y)
+    report = nnvitals.check(Named(), x, y, lambda out, t: nn.functional.cross_entropy(out["logits"], t))
+    assert report.loss > 0 and report.layers
