@@ -248,12 +248,11 @@ def _as_rows(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
 
 def _hist_positions(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Histogram bin of every value, for (k, ...) stacked layers: 0 and HIST_BINS + 1 are under- and
-    overflow, and layer j's bins start at j * (HIST_BINS + 2). Only values outside [lo, hi] overflow:
-    the last bin includes its right edge, where a saturated tanh lands (tanh(x) == 1.0 in float32 for
-    x > 9), and values a rounding away from it."""
+    overflow, and layer j's bins start at j * (HIST_BINS + 2). The bins are widened by a millionth so
+    that `hi` itself falls in the last one: a saturated tanh sits exactly at 1.0 (tanh(x) == 1.0 in
+    float32 for x > 9), and must not count as overflow."""
     k = x.shape[0]
-    pos = ((x - lo) * (HIST_BINS / (hi - lo))).floor_().clamp_(0, HIST_BINS - 1)
-    pos = torch.where(x > hi, HIST_BINS, torch.where(x < lo, -1, pos)).long() + 1
+    pos = ((x - lo) * (HIST_BINS * (1 - 1e-6) / (hi - lo))).floor_().clamp_(-1, HIST_BINS).long() + 1
     offsets = torch.arange(k, device=x.device).mul_(HIST_BINS + 2).view(k, *([1] * (x.dim() - 1)))
     return (pos + offsets).reshape(-1)
 
