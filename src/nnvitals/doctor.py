@@ -19,7 +19,7 @@ from torch import nn
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
 from nnvitals.integrations import tensorboard as tensorboard_output
-from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder
+from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, world_size
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 # The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
@@ -160,8 +160,7 @@ def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> N
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
+    return world_size() > 1
 
 
 def _output_fix(model: nn.Module, inputs: Any, targets: Any, out: torch.Tensor, loss_fn: LossFn,

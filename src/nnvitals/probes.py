@@ -221,6 +221,12 @@ def _bincount(index: torch.Tensor, length: int) -> torch.Tensor:
     return torch.bincount(index, minlength=length)
 
 
+def world_size() -> int:
+    """How many processes train together (torch.distributed), 1 when alone."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 
@@ -682,6 +688,14 @@ class Recorder:
         grad_index = sorted(grads)
         if grad_index:
             parts.append(self._reduce_grads([self._specs[i] for i in grad_index], [grads[i] for i in grad_index]))
+        world = world_size()
+        if world > 1 and parts:
+            # Under torch.distributed every rank measured its own share of the batch. Sums, sums of squares,
+            # counts, histogram bins and per-unit counts all add up: one collective on one buffer makes
+            # them the statistics of the whole batch. (Parameters need none: DDP keeps them equal.)
+            packed = torch.cat(parts)
+            torch.distributed.all_reduce(packed)
+            parts = [packed]
         ps = self._param_tensors()
         if ps:
             parts.append(self._reduce_params(ps, before, lr))
@@ -698,7 +712,7 @@ class Recorder:
             weights=self._weights() if ps else [], updates_measured=before is not None, lr=lr,
             maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
             grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
-            inputs_checked=self._inputs_finite is not None,
+            inputs_checked=self._inputs_finite is not None, world=world,
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
                            list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm)),
         )
@@ -722,6 +736,7 @@ class RawPass:
     grad_flags: list[str]
     consumers: dict[str, str]
     inputs_checked: bool
+    world: int  # processes whose statistics were added together (1 outside torch.distributed)
     base: PassStats  # the fields known without reading `host`
     _stats: PassStats | None = None
 
@@ -739,7 +754,7 @@ class RawPass:
         layers: list[LayerStats] = []
         cursor = 0
         for chunk, plan in self.chunks:
-            cursor = _parse_outputs(chunk, plan, host, cursor, layers)
+            cursor = _parse_outputs(chunk, plan, host, cursor, layers, self.world)
         if self.grads:
             specs = [s for chunk, _ in self.chunks for s in chunk]
             for kind, idx in _groups([specs[i] for i in self.grads]):
@@ -747,8 +762,11 @@ class RawPass:
                 sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
                 cursor += 2 * k
                 targets = [layers[self.grads[i]] for i in idx]
+                # Each rank's loss is a mean over its own share of the batch, so its gradients are `world`
+                # times those of the whole batch's mean loss: scale back to the latter.
+                sums, squares = sums / self.world, squares / self.world ** 2
                 for layer, total, sq in zip(targets, sums, squares, strict=True):
-                    layer.grad_mean, layer.grad_std = _mean_std(total, sq, math.prod(layer.shape))
+                    layer.grad_mean, layer.grad_std = _mean_std(total, sq, math.prod(layer.shape) * self.world)
                     layer.grad_nonfinite = not math.isfinite(sq)
                 if kind != "other":
                     hists = host[cursor:cursor + k * (HIST_BINS + 2)].reshape(k, HIST_BINS + 2)
@@ -812,8 +830,9 @@ def _mean_std(total: float, squares: float, count: int) -> tuple[float, float]:
 
 
 def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], values: np.ndarray, cursor: int,
-                   layers: list[LayerStats]) -> int:
-    """Append LayerStats read from one `_reduce_outputs` block at `cursor`; returns the new cursor."""
+                   layers: list[LayerStats], world: int = 1) -> int:
+    """Append LayerStats read from one `_reduce_outputs` block at `cursor`; returns the new cursor.
+    `world`: how many processes' outputs (each of the shape in `specs`) were added together."""
     found: dict[int, LayerStats] = {}
     width = HIST_BINS + 2
     for kind, idx in plan:
@@ -831,7 +850,7 @@ def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], va
             cursor += k * units
         for j, i in enumerate(idx):
             s = specs[i]
-            count = math.prod(s.shape)
+            count = math.prod(s.shape) * world
             mean, std = _mean_std(sums[j], squares[j], count)
             share = float(flagged[j] / count) if flagged is not None else None
             found[i] = LayerStats(
