@@ -19,7 +19,7 @@ from torch import nn
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
 from nnvitals.integrations import tensorboard as tensorboard_output
-from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, world_size
+from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, is_main_process, world_size
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 # The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
@@ -297,7 +297,7 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self._entered = False
         self._recorder.detach()
-        if self._writer is not None and self._recent:
+        if self._writer is not None and self._recent and is_main_process():
             tensorboard_output.write_findings(self._writer, self._passes[-1][0], self.findings())
 
     def close(self) -> None:
@@ -329,7 +329,7 @@ class Monitor:
                     self._passes[-1][2].drop_maps()
                 self._passes.append((self.steps, kept, raw))
                 self._recent.append(raw)
-                if self._writer is not None:
+                if self._writer is not None and is_main_process():  # one writer for all ranks
                     tensorboard_output.write_step(self._writer, self.steps, raw.stats(), _as_float(kept))
                 if len(self._passes) > self.HISTORY_LIMIT:
                     self._passes = [*self._passes[:-1:2], self._passes[-1]]
@@ -387,7 +387,8 @@ class Monitor:
         return self.report().findings
 
     def save_plots(self, directory: str | Path) -> list[Path]:
-        return self.report().save_plots(directory)
+        """The report's pictures; under torch.distributed only rank 0 writes them (others get [])."""
+        return self.report().save_plots(directory) if is_main_process() else []
 
 
 def _as_float(value: Any) -> float | None:

@@ -227,6 +227,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_main_process() -> bool:
+    """True outside torch.distributed and on rank 0 inside it: the one process that writes files."""
+    return world_size() == 1 or torch.distributed.get_rank() == 0
+
+
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
 

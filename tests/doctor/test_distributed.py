@@ -50,17 +50,20 @@ def worker(rank, init_file, out_file, every, steps):
     x, y = batch()
     share = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     mon = run(model, x[share], y[share], every, steps)
-    if rank == 0:
-        layers = [lay.to_dict() for lay in mon.report().layers]
-        with open(out_file, "w") as f:
-            json.dump({"layers": layers, "calls": len(calls), "rows": len(mon.history)}, f)
+    plots = mon.save_plots(f"{out_file}.plots{rank}")  # pictures from rank 0 only
+    layers = [lay.to_dict() for lay in mon.report().layers]
+    with open(f"{out_file}.{rank}", "w") as f:
+        json.dump({"layers": layers, "calls": len(calls), "rows": len(mon.history), "plots": len(plots)}, f)
     dist.destroy_process_group()
 
 
 def distributed_run(tmp_path, every, steps):
     out = tmp_path / "rank0.json"
     mp.spawn(worker, args=(str(tmp_path / "init"), str(out), every, steps), nprocs=WORLD, join=True)
-    return json.loads(out.read_text())
+    ranks = [json.loads((tmp_path / f"rank0.json.{r}").read_text()) for r in range(WORLD)]
+    assert ranks[0]["plots"] >= 3 and ranks[1]["plots"] == 0
+    assert ranks[1]["layers"] == ranks[0]["layers"]  # every rank reports the whole batch
+    return ranks[0]
 
 
 def test_rank0_sees_the_whole_batch(tmp_path):
