@@ -159,12 +159,9 @@ def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> N
         torch.cuda.set_rng_state_all(states[1])
 
 
-def _distributed() -> bool:
-    return world_size() > 1
-
-
-def _output_fix(model: nn.Module, inputs: Any, targets: Any, out: torch.Tensor, loss_fn: LossFn,
-                stats: PassStats, rng: tuple[torch.Tensor, list[torch.Tensor] | None]) -> OutputFix | None:
+def _output_fix(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, out: torch.Tensor,
+                loss_fn: LossFn, stats: PassStats, rng: tuple[torch.Tensor, list[torch.Tensor] | None]
+                ) -> OutputFix | None:
     """Measure, without touching the model, what scaling the output layer would do to the start."""
     scale = [n for n, role in stats.output_params if role == "scale"]
     zero = [n for n, role in stats.output_params if role == "zero"]
@@ -177,7 +174,6 @@ def _output_fix(model: nn.Module, inputs: Any, targets: Any, out: torch.Tensor, 
     params = dict(model.named_parameters())
     swapped = {n: params[n].detach() * factor for n in scale}
     swapped.update({n: torch.zeros_like(params[n]) for n in zero})
-    args, kwargs = _arguments(inputs)
     _set_rng_states(rng)
     with torch.no_grad():
         new_out = torch.func.functional_call(model, swapped, args, kwargs)
@@ -226,7 +222,7 @@ def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = 
         if classes is not None and at_init and math.isfinite(loss_value) \
                 and numbers.judge_start_loss(loss_value, classes).status == "too-high":
             _restore_buffers(model, saved_buffers)
-            fix = _output_fix(model, inputs, targets, out, fn, stats, rng)
+            fix = _output_fix(model, args, kwargs, targets, out, fn, stats, rng)
     finally:
         recorder.detach()
         with torch.no_grad():
@@ -238,7 +234,7 @@ def check(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn | None = 
             m.training = mode
         _set_rng_states(rng)
     evidence = Evidence(stats, loss=loss_value, start_loss=loss_value if at_init else None, classes=classes,
-                        lr=lr, output_fix=fix, distributed=_distributed())
+                        lr=lr, output_fix=fix, distributed=world_size() > 1)
     return Report(stats, diagnose(evidence), loss_value, classes)
 
 
@@ -380,7 +376,7 @@ class Monitor:
         classes = latest.output_shape[-1] if latest.output_shape and len(latest.output_shape) >= 2 else None
         loss = _as_float(self._passes[-1][1])
         evidence = Evidence(latest, loss=loss, start_loss=start, classes=classes if start is not None else None,
-                            history=[r.stats() for r in list(self._recent)[:-1]], distributed=_distributed())
+                            history=[r.stats() for r in list(self._recent)[:-1]], distributed=world_size() > 1)
         return Report(latest, diagnose(evidence), loss, evidence.classes, self.history)
 
     def findings(self) -> list[Finding]:

@@ -485,8 +485,11 @@ class Recorder:
             self._output_shape = tuple(out.shape)
             producer = self._producers.get(id(out))
             self._output_name = producer[1] if producer is not None and producer[0] is out else None
-            if out.requires_grad:
-                self._output_params = feeding_parameters(out, self.param_names)
+            if out.requires_grad:  # the output layer's parameters stay the same from pass to pass
+                key = ("output", self._output_shape)
+                if key not in self._cache:
+                    self._cache[key] = feeding_parameters(out, self.param_names)
+                self._output_params = self._cache[key]
             if self.trace_all:
                 self._finite_flags.append(("", torch.ones((), dtype=torch.bool), torch.isfinite(out).all()))
 
