@@ -18,7 +18,8 @@ class _Commands(click.Group):
     """The command groups that live in their own modules are imported when used, not at start-up
     (the lab's imports torch, which takes seconds to load; the lesson's commands should start at once)."""
 
-    elsewhere = {"lab": "nnvitals.lab.cli", "data": "nnvitals.lab.cli", "study": "nnvitals.study.cli"}
+    elsewhere = {"lab": "nnvitals.lab.cli", "data": "nnvitals.lab.cli", "study": "nnvitals.study.cli",
+                 "serve": "nnvitals.web.cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.elsewhere})

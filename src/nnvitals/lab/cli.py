@@ -190,8 +190,11 @@ def _cell(x: float | None) -> str:
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="Stages trained at once, in worker processes (default: one per CPU core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of the tables.")
+@click.option("--events", "events_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also append every event of the run to FILE, one JSON object a line, for a program following "
+                   "the run (the lesson page's progress bars).")
 def lab(data_path: str | None, stages: str | None, profile: str | None, steps: int | None, seed: int | None,
-        out: Path | None, resume: Path | None, jobs: int | None, as_json: bool) -> int:
+        out: Path | None, resume: Path | None, jobs: int | None, as_json: bool, events_path: Path | None) -> int:
     """Reproduce makemore part 3 stage by stage: naive, fix-softmax, fix-tanh, kaiming, batchnorm, deep.
 
     For each stage: the starting loss against the uniform baseline, the doctor's findings and figures
@@ -222,11 +225,24 @@ def lab(data_path: str | None, stages: str | None, profile: str | None, steps: i
         console.width = max(console.width, TABLE_WIDTH)  # piped or captured: do not squeeze the final table
     presenter = _Presenter(console, quiet=as_json)
     try:
-        outcome = experiment.run(run_dir, config, words, presenter, jobs=jobs)
+        events = events_path.open("a", encoding="utf-8") if events_path is not None else None
+    except OSError as e:
+        raise _bad(f"cannot write the events to {events_path}: {e.strerror or e}") from None
+
+    def emit(event: dict[str, Any]) -> None:
+        presenter(event)
+        if events is not None:  # a line at a time, flushed, so a reader never sees half an event
+            events.write(json.dumps(event, default=str) + "\n")
+            events.flush()
+
+    try:
+        outcome = experiment.run(run_dir, config, words, emit, jobs=jobs)
     except experiment.RunError as e:
         raise _bad(str(e)) from None
     finally:
         presenter.stop()
+        if events is not None:
+            events.close()
     if outcome.interrupted or outcome.summary is None:
         print(f"interrupted: everything so far is saved in {run_dir}; continue with "
               f"`nnvitals lab --resume {run_dir}`", file=sys.stderr)
