@@ -23,7 +23,7 @@ run: $(VENV)/.installed
 	$(BIN)/nnvitals lab
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy src/nnvitals
 
 test: lint
