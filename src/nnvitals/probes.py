@@ -214,13 +214,6 @@ class _Spec:
     feeding: list[str]
 
 
-def _bincount(index: torch.Tensor, length: int) -> torch.Tensor:
-    """Counts per bin without a host sync (CUDA's bincount reads the maximum back to size its output)."""
-    if index.is_cuda:
-        return torch.zeros(length, device=index.device).index_add_(0, index, torch.ones_like(index, dtype=torch.float))
-    return torch.bincount(index, minlength=length)
-
-
 def world_size() -> int:
     """How many processes train together (torch.distributed), 1 when alone."""
     dist = torch.distributed
@@ -234,12 +227,6 @@ def is_main_process() -> bool:
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
     return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-
-
-def _moments(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per tensor, the sum and the sum of squares (a NaN or Inf anywhere shows in both); the squares come
-    from one fused norm call for the whole list."""
-    return [torch.stack([t.sum() for t in tensors]), torch.stack(torch._foreach_norm(tensors)).double() ** 2]
 
 
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
@@ -257,36 +244,49 @@ def _as_rows(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
 
 
-def _hist_positions(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Histogram bin of every value, for (k, ...) stacked layers: 0 and HIST_BINS + 1 are under- and
-    overflow, and layer j's bins start at j * (HIST_BINS + 2). The bins are widened by a millionth so
-    that `hi` itself falls in the last one: a saturated tanh sits exactly at 1.0 (tanh(x) == 1.0 in
-    float32 for x > 9), and must not count as overflow."""
+def _sums(flat: torch.Tensor) -> list[torch.Tensor]:
+    """Per row of (k, n): the sum and the sum of squares (a NaN or Inf anywhere shows in both)."""
+    return [flat.sum(1), torch.linalg.vector_norm(flat, dim=1).square_()]
+
+
+def _histograms(x: torch.Tensor, lo: float, hi: float, bounded: bool, scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """HIST_BINS + 2 counts per row of x (k, ...) over [lo, hi): the first and the last are under- and
+    overflow. Each value's bin is computed, then counted with one scatter_add over all rows. `bounded`:
+    the values cannot exceed `hi`, which then belongs to the last bin (a saturated tanh sits exactly at
+    1.0). `scale` (k, 1): values are divided by it first (gradients, in units of their own std). NaN
+    counts as underflow."""
     k = x.shape[0]
-    pos = ((x - lo) * (HIST_BINS * (1 - 1e-6) / (hi - lo))).floor_().clamp_(-1, HIST_BINS).long() + 1
-    offsets = torch.arange(k, device=x.device).mul_(HIST_BINS + 2).view(k, *([1] * (x.dim() - 1)))
-    return (pos + offsets).reshape(-1)
+    width = HIST_BINS / (hi - lo)
+    u = x.reshape(k, -1)
+    u = u * (width / scale) if scale is not None else u * width
+    u = u.add_(1 - lo * width).nan_to_num_(0.0).clamp_(0, HIST_BINS if bounded else HIST_BINS + 1).long()
+    counts = torch.zeros(k, HIST_BINS + 2, dtype=torch.float64, device=x.device)
+    return counts.scatter_add_(1, u, torch.ones((), dtype=torch.float64, device=x.device).expand(u.shape)).view(-1)
 
 
 def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Statistics of k stacked outputs of one kind: sums and sums of squares, and for activations the
-    saturated (or inactive) counts, histograms and per-unit alive counts; plus, for tanh-like layers,
-    the saturation-map cells (left on the device: they are read only when a picture is drawn)."""
+    saturated (or inactive) counts, histograms and per-unit "alive" flags (1 where some example of the
+    batch is neither saturated nor inactive: flags of several processes add up to the same verdict);
+    plus, for tanh-like layers, the saturation-map cells (left on the device: they are read only when a
+    picture is drawn)."""
     k = x.shape[0]
-    flat = x.reshape(k, -1)
-    parts = [flat.sum(1), (flat * flat).sum(1)]
+    parts = _sums(x.reshape(k, -1))
     if kind == "other":
         return parts, None
-    x = x.nan_to_num(0.0, 0.0, 0.0)
-    if kind == "relu":
-        flagged = off = x <= 0
-    else:
-        t = x.abs() if kind == "tanh" else (2 * x - 1).abs()  # sigmoid s -> 2s - 1 on tanh's scale
-        flagged, off = t > SATURATION_CUT, t > DEAD_CUT
     lo, hi = HIST_RANGE.get(kind, DEFAULT_HIST_RANGE)
-    parts += [flagged.reshape(k, -1).sum(1), _bincount(_hist_positions(x, lo, hi), k * (HIST_BINS + 2)),
-              (~off).sum(1).reshape(-1)]
-    return parts, off[:, :MAP_ROWS, :MAP_UNITS] if kind in BOUNDED else None
+    if kind == "relu":
+        flagged = x <= 0
+        alive = x.amax(1) > 0  # x is (k, examples, units)
+        cells = None
+    else:
+        t = x.abs() if kind == "tanh" else (2 * x - 1).abs_()  # sigmoid s -> 2s - 1 on tanh's scale
+        flagged = t > SATURATION_CUT
+        alive = ~(t.amin(1) > DEAD_CUT)  # written so that NaN counts as alive, as it cannot be dead
+        cells = t[:, :MAP_ROWS, :MAP_UNITS] > DEAD_CUT
+    parts += [flagged.reshape(k, -1).sum(1), _histograms(x, lo, hi, kind in BOUNDED), alive.reshape(-1)]
+    return parts, cells
 
 
 _TRANSPARENT = ("AddBackward", "SubBackward", "MmBackward", "AddmmBackward", "BmmBackward",
@@ -638,13 +638,11 @@ class Recorder:
         for kind, idx in self._plan(specs):
             x = torch.stack([grads[i].reshape(-1) for i in idx]).float()
             n = x.shape[1]
-            total, squares = x.sum(1), (x * x).sum(1)
+            total, squares = _sums(x)
             parts += [total, squares]
             if kind != "other":
                 std = ((squares - total * total / n) / max(n - 1, 1)).clamp_(min=1e-30).sqrt_()
-                z = (x / std[:, None]).nan_to_num_(0.0, 0.0, 0.0)
-                parts.append(_bincount(_hist_positions(z, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS),
-                                       len(idx) * (HIST_BINS + 2)))
+                parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
         return torch.cat(parts).double()
 
     def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
@@ -666,17 +664,17 @@ class Recorder:
         and their updates. For the other parameters (biases, gains): their norms and their gradients',
         which only tell whether they are finite."""
         index = self._weights()
-        others = [i for i in range(len(ps)) if i not in set(index)]
+        weights = set(index)
+        others = [i for i in range(len(ps)) if i not in weights]
         w = [ps[i][1].detach() for i in index]
         g = [_grad_or_zeros(ps[i][1]) for i in index]
+        measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None and len(before) == len(w) else [])
+        rest = [ps[i][1].detach() for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
         parts = []
-        for tensors in (w, g, torch._foreach_sub(w, before) if before is not None and len(before) == len(w) else []):
-            if tensors:
-                parts += _moments(list(tensors))
-        if others:
-            rest = [ps[i][1].detach() for i in others]
-            rest_grads = [_grad_or_zeros(ps[i][1]) for i in others]
-            parts += [torch.stack(torch._foreach_norm(rest)), torch.stack(torch._foreach_norm(rest_grads))]
+        if measured:
+            parts.append(torch.stack([t.sum() for t in measured]))
+        if measured or rest:
+            parts.append(torch.stack(torch._foreach_powsum(measured + rest, 2)))
         return torch.cat(parts).double()
 
     # -- collecting ----------------------------------------------------------------------------------
@@ -785,11 +783,11 @@ class RawPass:
         if self.params:
             k = len(self.weights)
             counts = [math.prod(self.params[i][1]) for i in self.weights]
-            stds = []
-            for _ in range(3 if self.updates_measured else 2):
-                sums, squares = host[cursor:cursor + k], host[cursor + k:cursor + 2 * k]
-                cursor += 2 * k
-                stds.append([_mean_std(a, b, n)[1] for a, b, n in zip(sums, squares, counts, strict=True)])
+            m = 3 if self.updates_measured else 2  # weights, gradients (and updates), k of each
+            sums, squares = host[cursor:cursor + m * k], host[cursor + m * k:cursor + 2 * m * k]
+            cursor += 2 * m * k
+            stds = [[_mean_std(a, b, n)[1] for a, b, n in zip(sums[j * k:(j + 1) * k], squares[j * k:(j + 1) * k],
+                                                              counts, strict=True)] for j in range(m)]
             # param index -> [w std, grad std(, update std)]; a NaN/Inf anywhere makes its std NaN
             spread = {i: [column[j] for column in stds] for j, i in enumerate(self.weights)}
             others = [i for i in range(len(self.params)) if i not in spread]
