@@ -1,0 +1,96 @@
+"""NNVitalsCallback: a Monitor inside Lightning's Trainer.fit, findings in the callback and the loggers."""
+
+import csv
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+from nnvitals.examples import EXAMPLES  # noqa: E402
+from nnvitals.integrations.lightning import NNVitalsCallback  # noqa: E402
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(n=320, vocab=27, context=3):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, vocab, (n, context), generator=g), torch.randint(0, vocab, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def fit(module, callback, tmp_path, loggers=False, **kw):
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=loggers, callbacks=[callback],
+                         enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|Found \d+ module).*")
+        trainer.fit(module, loader())
+    return trainer
+
+
+def test_findings_in_the_callback_and_the_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    model, _, _ = EXAMPLES["makemore-naive"]()  # unit-normal weights: over-confident and saturated
+    callback = NNVitalsCallback(every=3, plots=tmp_path / "pictures")
+    tb, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    trainer = fit(Classifier(model), callback, tmp_path, loggers=[tb, csv_logger])
+    assert trainer.global_step == 10
+    assert [row["step"] for row in callback.monitor.history] == [0, 3, 6, 9]  # sampled by the global step
+    codes = [f.code for f in callback.findings]
+    assert "saturated-activations" in codes and "start-loss-high" in codes
+
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
+    assert float(rows[-1]["nnvitals/saturated-activations"]) >= 1 and float(rows[-1]["nnvitals/errors"]) >= 1
+    assert float(rows[-1]["nnvitals/dead-units"]) == codes.count("dead-units")
+
+    acc = event_accumulator.EventAccumulator(tb.log_dir, size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("layers/net.tanh()/saturated")] == [0, 3, 6, 9]  # the Monitor's scalars
+    text = acc.Tensors("nnvitals/findings/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "saturated-activations" in text
+    assert acc.Scalars("nnvitals/saturated-activations")[-1].value >= 1
+    assert len(list((tmp_path / "pictures").glob("*.png"))) >= 3
+    assert any(tag.startswith("nnvitals/") for tag in acc.Tags()["images"])
+
+
+def test_module_left_in_eval_mode_is_warned_about(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64, bias=False), nn.BatchNorm1d(64),
+                        nn.Tanh(), nn.Linear(64, 27))
+    net[3].eval()  # e.g. frozen by hand before fitting; Lightning keeps the mode
+    callback = NNVitalsCallback(every=5)
+    with pytest.warns(UserWarning, match="train-eval-mode.*`net.3`"):
+        fit(Classifier(net), callback, tmp_path)
+    assert [(f.code, f.where) for f in callback.start_findings] == [("train-eval-mode", "net.3")]
+    assert "call model.train()" in callback.start_findings[0].fix
+    assert "train-eval-mode" in [f.code for f in callback.findings]
+
+
+def test_no_warning_when_every_module_trains(tmp_path):
+    model, _, _ = EXAMPLES["deep-tanh-batchnorm"]()
+    callback = NNVitalsCallback(every=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        fit(Classifier(model), callback, tmp_path)
+    assert callback.start_findings == [] and "train-eval-mode" not in [f.code for f in callback.findings]
