@@ -242,8 +242,8 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
 
     runs_dir: the lab's runs folder (listed, and where new runs go); db_path: the review database
     (default: the one `nnvitals study review` uses); lab_data: the word list for runs started from the
-    page (default: the lab's own choice); lab_command: the lab command line (default `python -m
-    nnvitals.cli lab`).
+    page (default: the lab's own choice); lab_command: the lab command line (default: `nnvitals lab` in
+    this interpreter).
     """
     lesson = packaged()
     runs_path = Path(runs_dir)
@@ -263,6 +263,8 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
                     "and lab runs. Bad input is answered 422 with the field named; requests that change "
                     "state must come from the page itself.",
         lifespan=lifespan,
+        docs_url=None,  # the interactive pages load their scripts from a CDN; the schema is /openapi.json
+        redoc_url=None,
     )
     app.state.runner = runner
     app.state.db = db

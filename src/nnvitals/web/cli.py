@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import sys
 import threading
 import webbrowser
 from pathlib import Path
@@ -89,6 +88,8 @@ def serve(host: str, port: int, open_browser: bool, runs_dir: Path, db: Path | N
         threading.Timer(0.5, webbrowser.open, args=(url,)).start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on; stopping is the normal end
+        pass
     finally:
         sock.close()
-    sys.stderr.flush()
+    click.echo("stopped", err=True)

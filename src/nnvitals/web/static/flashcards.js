@@ -4,8 +4,6 @@
 function flip(card) {
   const turned = card.classList.toggle("flipped");
   card.setAttribute("aria-pressed", String(turned));
-  card.querySelector(".front").setAttribute("aria-hidden", String(turned));
-  card.querySelector(".back").setAttribute("aria-hidden", String(!turned));
 }
 
 for (const card of document.querySelectorAll(".card")) {
