@@ -134,7 +134,7 @@ def test_a_grade_persists_across_a_reload_and_shows_in_the_cli(page, live_server
     expect(counts).to_contain_text("7 new")
 
     page.reload()
-    expect(counts).to_contain_text("0 due · 7 new · 8 cards · 1 grades so far")
+    expect(counts).to_contain_text("0 due · 7 new · 8 cards · 1 grade so far")
     expect(page.locator("#card-question")).to_have_text(packaged().cards[1].question)
     page.keyboard.press(" ")  # the keyboard works as in the terminal: Space shows, 1-4 grade
     expect(page.locator("#card-answer-text")).to_be_visible()

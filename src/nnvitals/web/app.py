@@ -8,6 +8,7 @@ into the same database as `nnvitals study review`, and the lab page shows what `
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -253,6 +254,9 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The stage names come from the lab's models module, which imports torch (seconds): load it now, in
+        # the background, rather than on the first visit to the lab page.
+        threading.Thread(target=runs.stage_names, daemon=True).start()
         yield
         runner.shutdown()
 

@@ -7,7 +7,7 @@ let current = null; // the card on show
 function showQueue(queue) {
   const next = queue.next_due ? ` · next due ${fromNow(queue.next_due)}` : "";
   el("counts").textContent = `${queue.due} due · ${queue.new} new · ${queue.cards} cards · `
-    + `${queue.reviews} grades so far${next}`;
+    + `${queue.reviews} ${queue.reviews === 1 ? "grade" : "grades"} so far${next}`;
   current = queue.card;
   el("review-card").hidden = !current;
   el("review-done").hidden = Boolean(current);
