@@ -30,7 +30,8 @@ def run(stage, splits, steps, **kwargs):
 
 @pytest.mark.parametrize("stage", ["kaiming", "batchnorm"])
 def test_training_takes_the_same_batches_and_steps_as_a_plain_loop(stage, words27, monkeypatch):
-    """Indices drawn in blocks are the ones one randint per step gives; updates are plain SGD."""
+    """Indices drawn in blocks are the ones one randint per step gives; updates are plain SGD; the one-layer
+    network's written-out backward gives autograd's numbers bit for bit."""
     monkeypatch.setattr(train, "CHUNK", 16)
     splits = data.split(words27)
     steps = 40

@@ -51,22 +51,29 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
 
 
-class _Standardize(torch.autograd.Function):
-    """xhat = (x - mean) / std over the batch (dim 0), std = sqrt(sum((x - mean)^2) / (n - correction) + eps).
+def standardize(x: torch.Tensor, correction: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xhat = (x - mean) / std over the batch (dim 0), std = sqrt(sum((x - mean)^2) / (n - correction) + eps);
+    returns xhat and the batch's mean and std."""
+    mean = x.mean(0)
+    centred = x - mean
+    var = centred.square().sum(0) / (x.shape[0] - correction)
+    std = (var + eps).sqrt() if eps else var.sqrt()
+    return centred / std, mean, std
 
-    Backward, derived once by hand (as in the lesson's backprop exercise) instead of through the eight
-    small ops of the forward: with g = dL/dxhat and n examples,
-        dL/dx = (g - mean(g) - xhat * sum(g * xhat) / (n - correction)) / std
-    The batch mean and std come out too, for the running estimates (no gradient flows through them).
-    """
+
+def standardize_backward(g: torch.Tensor, xhat: torch.Tensor, std: torch.Tensor, dof: int) -> torch.Tensor:
+    """dL/dx from g = dL/dxhat, derived once by hand (as in the lesson's backprop exercise) instead of
+    through the eight small ops of the forward: (g - mean(g) - xhat * sum(g * xhat) / dof) / std."""
+    return (g - g.mean(0) - xhat * ((g * xhat).sum(0) / dof)) / std
+
+
+class _Standardize(torch.autograd.Function):
+    """`standardize` with `standardize_backward` as its gradient (one autograd node, not eight). The
+    batch mean and std come out too, for the running estimates (no gradient flows through them)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, correction: int, eps: float) -> tuple[torch.Tensor, ...]:
-        mean = x.mean(0)
-        centred = x - mean
-        var = centred.square().sum(0) / (x.shape[0] - correction)
-        std = (var + eps).sqrt() if eps else var.sqrt()
-        xhat = centred / std
+        xhat, mean, std = standardize(x, correction, eps)
         ctx.save_for_backward(xhat, std)
         ctx.dof = x.shape[0] - correction
         ctx.mark_non_differentiable(mean, std)
@@ -74,10 +81,8 @@ class _Standardize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g = grads[0]
         xhat, std = ctx.saved_tensors
-        dx = (g - g.mean(0) - xhat * ((g * xhat).sum(0) / ctx.dof)) / std
-        return dx, None, None
+        return standardize_backward(grads[0], xhat, std, ctx.dof), None, None
 
 
 class BatchNorm(nn.Module):
@@ -110,16 +115,24 @@ class BatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return torch.addcmul(self.bias, x - self.running_mean, self.gain / self.running_std)
-        xhat, mean, std = _Standardize.apply(x, 1 if self.unbiased else 0, self.eps)
-        with torch.no_grad():
-            if self.momentum is None:
-                self.batches_seen += 1
-                weight = 1.0 / float(self.batches_seen)
-            else:
-                weight = self.momentum
-            self.running_mean.lerp_(mean, weight)
-            self.running_std.lerp_(std, weight)
+        xhat, mean, std = _Standardize.apply(x, self.correction, self.eps)
+        self.track(mean, std)
         return torch.addcmul(self.bias, xhat, self.gain)
+
+    @property
+    def correction(self) -> int:
+        return 1 if self.unbiased else 0
+
+    @torch.no_grad()
+    def track(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Move the running estimates towards a training batch's mean and std."""
+        if self.momentum is None:
+            self.batches_seen += 1
+            weight = 1.0 / float(self.batches_seen)
+        else:
+            weight = self.momentum
+        self.running_mean.lerp_(mean, weight)
+        self.running_std.lerp_(std, weight)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -152,6 +165,47 @@ class MLP(nn.Module):
             hpre = torch.addmm(self.b1, emb, self.W1)
         h = torch.tanh(hpre)
         return torch.addmm(self.b2, h, self.W2)
+
+    @torch.no_grad()
+    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """One training step (cross-entropy, plain SGD) with the backward pass written out; returns the loss.
+
+        Each gradient is computed by the very op autograd would run for `forward` (the same aten
+        backward functions, the same matrix products), so the weights come out bit for bit as with
+        `loss.backward()` and `p -= lr * p.grad` (tested). What it saves is recording a graph and walking
+        it: for a network this small that bookkeeping costs about as much as the arithmetic.
+        """
+        n = x.shape[0]
+        emb = self.C[x].flatten(1)
+        if self.bn is not None:
+            lin = emb @ self.W1
+            xhat, mean, std = standardize(lin, self.bn.correction, self.bn.eps)
+            self.bn.track(mean, std)
+            hpre = torch.addcmul(self.bn.bias, xhat, self.bn.gain)
+        else:
+            hpre = torch.addmm(self.b1, emb, self.W1)
+        h = torch.tanh(hpre)
+        logp = F.log_softmax(torch.addmm(self.b2, h, self.W2), 1)
+        loss, total = torch.ops.aten.nll_loss_forward(logp, y, None, 1, -100)  # 1: mean reduction
+        aten = torch.ops.aten
+        dlogp = aten.nll_loss_backward(torch.ones_like(loss), logp, y, None, 1, -100, total)
+        dlogits = aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
+        dW2, db2 = h.t().mm(dlogits), dlogits.sum(0)
+        dhpre = aten.tanh_backward(dlogits.mm(self.W2.t()), h)
+        params: list[torch.Tensor]
+        if self.bn is not None:
+            dlin = standardize_backward(dhpre * self.bn.gain, xhat, std, n - self.bn.correction)
+            params, grads = [self.bn.gain, self.bn.bias], [(dhpre * xhat).sum(0), dhpre.sum(0)]
+        else:
+            assert self.b1 is not None
+            dlin = dhpre
+            params, grads = [self.b1], [dhpre.sum(0)]
+        dW1, demb = emb.t().mm(dlin), dlin.mm(self.W1.t())
+        dC = torch.zeros_like(self.C).index_put_((x,), demb.view(*x.shape, -1), accumulate=True)
+        params += [self.C, self.W1, self.W2, self.b2]
+        grads += [dC, dW1, dW2, db2]
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return loss
 
 
 class DeepMLP(nn.Module):

@@ -7,8 +7,9 @@ two gathers per step. A checkpoint records the generator state at the start of t
 in, so a resumed run redraws that block and carries on with the very same batches.
 
 Speed without changing the arithmetic: one update for all parameters (`torch._foreach_add_`), no host
-synchronisation except every LOG_EVERY steps for the progress display, and gradients dropped
-(set to None) rather than zeroed, so backward writes fresh ones without an extra pass.
+synchronisation except every LOG_EVERY steps for the progress display, gradients dropped (set to None)
+rather than zeroed, so backward writes fresh ones without an extra pass, and for the one-layer network
+its backward written out op for op (`MLP.sgd_step`), which skips autograd's graph.
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def train(model: nn.Module, data: Split, generator: torch.Generator, schedule: S
     its state goes into every checkpoint.
     """
     stop = stop or StopFlag()
+    # The one-layer network has its backward written out (bit-identical, no graph); a watched run needs
+    # autograd, since the Monitor reads the gradients at every layer's output.
+    sgd_step = getattr(model, "sgd_step", None) if monitor is None else None
     params = list(model.parameters())
     weights = [p.detach() for p in params]  # aliases updated in place, outside autograd
     X, Y = data.X, data.Y
@@ -195,15 +199,18 @@ def train(model: nn.Module, data: Split, generator: torch.Generator, schedule: S
                 if checkpoint is not None:
                     save_checkpoint(checkpoint, model, schedule, state)
                 raise Interrupted(chunk_start + i, checkpoint)
-            loss = F.cross_entropy(model(Xc[i]), Yc[i])
-            loss.backward()
-            grads = [p.grad for p in params]
-            torch._foreach_add_(weights, grads, alpha=-schedule.lr_at(chunk_start + i))  # type: ignore[arg-type]
-            recorded.append(loss.detach())
-            if monitor is not None:
-                monitor.step(recorded[-1])
-            for p in params:
-                p.grad = None
+            lr = schedule.lr_at(chunk_start + i)
+            if sgd_step is not None:
+                recorded.append(sgd_step(Xc[i], Yc[i], lr))
+            else:
+                loss = F.cross_entropy(model(Xc[i]), Yc[i])
+                loss.backward()
+                torch._foreach_add_(weights, [p.grad for p in params], alpha=-lr)  # type: ignore[misc]
+                recorded.append(loss.detach())
+                if monitor is not None:
+                    monitor.step(recorded[-1])
+                for p in params:
+                    p.grad = None
             if on_progress is not None and (chunk_start + i + 1) % LOG_EVERY == 0:
                 on_progress(chunk_start + i + 1, float(torch.stack(recorded[-LOG_EVERY:]).mean()))
         _record(losses, chunk_start + rows - len(recorded), recorded)
