@@ -183,11 +183,12 @@ class MLP(nn.Module):
             self.bn.track(mean, std)
             hpre = torch.addcmul(self.bn.bias, xhat, self.bn.gain)
         else:
+            assert self.b1 is not None
             hpre = torch.addmm(self.b1, emb, self.W1)
         h = torch.tanh(hpre)
         logp = F.log_softmax(torch.addmm(self.b2, h, self.W2), 1)
-        loss, total = torch.ops.aten.nll_loss_forward(logp, y, None, 1, -100)  # 1: mean reduction
         aten = torch.ops.aten
+        loss, total = aten.nll_loss_forward(logp, y, None, 1, -100)  # 1: mean reduction
         dlogp = aten.nll_loss_backward(torch.ones_like(loss), logp, y, None, 1, -100, total)
         dlogits = aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
         dW2, db2 = h.t().mm(dlogits), dlogits.sum(0)
@@ -197,7 +198,6 @@ class MLP(nn.Module):
             dlin = standardize_backward(dhpre * self.bn.gain, xhat, std, n - self.bn.correction)
             params, grads = [self.bn.gain, self.bn.bias], [(dhpre * xhat).sum(0), dhpre.sum(0)]
         else:
-            assert self.b1 is not None
             dlin = dhpre
             params, grads = [self.b1], [dhpre.sum(0)]
         dW1, demb = emb.t().mm(dlin), dlin.mm(self.W1.t())
