@@ -198,6 +198,7 @@ class MLP(nn.Module):
             dlin = standardize_backward(dhpre * self.bn.gain, xhat, std, n - self.bn.correction)
             params, grads = [self.bn.gain, self.bn.bias], [(dhpre * xhat).sum(0), dhpre.sum(0)]
         else:
+            assert self.b1 is not None
             dlin = dhpre
             params, grads = [self.b1], [dhpre.sum(0)]
         dW1, demb = emb.t().mm(dlin), dlin.mm(self.W1.t())
