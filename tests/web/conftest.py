@@ -9,12 +9,13 @@ import socket
 import string
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from nnvitals.web import create_app
 
@@ -39,10 +40,22 @@ def folders(tmp_path: Path) -> dict[str, Path]:
     return {"runs": tmp_path / "runs", "db": tmp_path / "study.sqlite3", "words": tiny_words(tmp_path / "words.txt")}
 
 
+def test_client(app: Any, base: str = BASE) -> Any:
+    """FastAPI's TestClient, as the browser at `base` would reach the app."""
+    with warnings.catch_warnings():
+        # This starlette release would rather drive the app with httpx2; httpx is what it runs on here.
+        warnings.filterwarnings("ignore", message=".*httpx2")
+        from fastapi.testclient import TestClient
+    return TestClient(app, base_url=base)
+
+
+test_client.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @pytest.fixture
-def client(folders: dict[str, Path]) -> Iterator[TestClient]:
+def client(folders: dict[str, Path]) -> Iterator[Any]:
     app = create_app(folders["runs"], folders["db"], port=PORT, lab_data=folders["words"])
-    with TestClient(app, base_url=BASE) as c:
+    with test_client(app) as c:
         yield c
 
 

@@ -16,7 +16,7 @@ from nnvitals.study.material import packaged
 from nnvitals.web import create_app, runs
 from nnvitals.web.guard import Guard
 
-from .conftest import BASE, PORT
+from .conftest import BASE, PORT, test_client
 
 
 def test_calculators_answer_with_the_numbers_module(client):
@@ -111,17 +111,11 @@ def test_a_foreign_database_is_refused_not_touched(tmp_path):
     notes = tmp_path / "notes.db"
     notes.write_bytes(b"these are my notes, not a database\n" * 10)
     app = create_app(tmp_path / "runs", notes, port=PORT)
-    with TestClientAt(app) as c:
+    with test_client(app) as c:
         r = c.get("/api/review")
         assert r.status_code == 503 and "not an SQLite database" in r.json()["detail"]
         assert c.post("/api/review/grade", json={"card_id": "card-baseline", "rating": 3}).status_code == 503
     assert notes.read_bytes() == b"these are my notes, not a database\n" * 10
-
-
-def TestClientAt(app, base=BASE):  # noqa: N802  (reads like the class it returns)
-    from fastapi.testclient import TestClient
-
-    return TestClient(app, base_url=base)
 
 
 @pytest.mark.parametrize("host", ["evil.example:8765", "127.0.0.1:9999", "localhost", "127.0.0.1:8765@evil.example"])
@@ -242,7 +236,7 @@ def test_a_lab_run_can_be_cancelled_and_keeps_its_checkpoint(client, folders):
 
 def test_a_run_that_cannot_start_says_why(tmp_path):
     app = create_app(tmp_path / "runs", tmp_path / "db.sqlite3", port=PORT, lab_data=tmp_path / "no-such-words.txt")
-    with TestClientAt(app) as c:
+    with test_client(app) as c:
         assert c.post("/api/lab/job", json={"stages": ["naive"], "steps": 5}).status_code == 202
         job = wait_for(c, {"failed", "finished", "cancelled"})
     assert job["state"] == "failed"
