@@ -270,9 +270,6 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
         docs_url=None,  # the interactive pages load their scripts from a CDN; the schema is /openapi.json
         redoc_url=None,
     )
-    app.state.runner = runner
-    app.state.db = db
-    app.state.runs_dir = runs_path
 
     env = Environment(loader=PackageLoader("nnvitals.web", "templates"), autoescape=select_autoescape(default=True))
     env.filters["nats"] = lambda x: "" if x is None else f"{x:.4f}"
