@@ -127,11 +127,15 @@ def page(browser):
 
 
 @pytest.fixture
-def screenshot():
-    """screenshot(page, name): keep a picture of the page for the README."""
+def screenshot(tmp_path):
+    """screenshot(page, name): a picture of the page, into docs/images/web/ for the README when
+    NNVITALS_SCREENSHOTS=1 (`NNVITALS_SCREENSHOTS=1 make test` refreshes them), else into a temporary folder."""
+    folder = SCREENSHOTS if os.environ.get("NNVITALS_SCREENSHOTS") == "1" else tmp_path
 
     def take(pg, name: str) -> None:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        pg.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.png"
+        pg.screenshot(path=str(path), full_page=False)
+        assert path.read_bytes().startswith(b"\x89PNG")
 
     return take

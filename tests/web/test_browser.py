@@ -1,6 +1,7 @@
 """The lesson page in a real browser (Debian's Chromium through Playwright), against a real server.
 
-Each test also keeps a screenshot of its page in docs/images/web/ for the README.
+Each test also takes a screenshot of its page; with NNVITALS_SCREENSHOTS=1 they land in docs/images/web/ for
+the README.
 """
 
 from __future__ import annotations

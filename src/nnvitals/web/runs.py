@@ -33,7 +33,6 @@ EVENTS_FILE = "events.jsonl"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_STEPS = 200_000  # the full profile's steps per stage
 CANCEL_GRACE_S = 20.0  # after Ctrl-C the lab finishes its step and saves a checkpoint; then it is killed
-_MAIN = "import sys; from nnvitals.cli import main; sys.exit(main())"
 
 
 @functools.cache
@@ -168,9 +167,7 @@ class LabRunner:
     def __init__(self, runs_dir: Path, data: Path | None = None, command: Sequence[str] | None = None):
         self.runs_dir = runs_dir
         self.data = data
-        # Not `python -m nnvitals.cli`: as __main__ that module would be loaded twice, and the lab's BadInput
-        # (raised with the other copy's class) would end as a traceback instead of one `error:` line.
-        self.command = list(command) if command else [sys.executable, "-c", _MAIN, "lab"]
+        self.command = list(command) if command else [sys.executable, "-m", "nnvitals", "lab"]
         self._lock = threading.Lock()
         self._job: _Job | None = None
 
