@@ -250,7 +250,6 @@ def render(summary: dict[str, Any], out: Path, loss_png: bytes) -> str:
     """The report as one HTML page with every picture embedded."""
     ds = summary["dataset"]
     lesson = ds["lesson_data"]
-    where = f" ({_e(ds['path'])})" if ds["path"] else ""
     ref_note = (f"<p>The data is the lesson's names.txt, so the notebook's figures stand beside ours "
                 f"(shaded; from {_e(summary['reference_source'])}).</p>" if lesson else
                 "<p>The data is not the lesson's names.txt, so the notebook's figures do not apply.</p>")
@@ -258,7 +257,7 @@ def render(summary: dict[str, Any], out: Path, loss_png: bytes) -> str:
     loss_img = f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(loss_png).decode()}">'
     body = [
         "<h1>nnvitals lab: makemore part 3, stage by stage</h1>",
-        f"<p>Dataset: {_e(ds['description'])}{where}: {ds['words']:,} words, {ds['vocab_size']} symbols "
+        f"<p>Dataset: {_e(ds['description'])}: {ds['words']:,} words, {ds['vocab_size']} symbols "
         f"(uniform baseline {ds['baseline']:.4f} nats); {ds['examples']['train']:,} / {ds['examples']['val']:,} / "
         f"{ds['examples']['test']:,} training / validation / test examples.</p>",
         f"<p>Profile {_e(summary['profile'])}{steps}, seed {summary['seed']}.</p>",
