@@ -94,3 +94,11 @@ def test_no_warning_when_every_module_trains(tmp_path):
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
         fit(Classifier(model), callback, tmp_path)
     assert callback.start_findings == [] and "train-eval-mode" not in [f.code for f in callback.findings]
+
+
+def test_samples_by_optimizer_step_when_accumulating(tmp_path):
+    model, _, _ = EXAMPLES["makemore-fixed"]()
+    callback = NNVitalsCallback(every=2)
+    trainer = fit(Classifier(model), callback, tmp_path, accumulate_grad_batches=2)  # 10 batches, 5 steps
+    assert trainer.global_step == 5 and callback.monitor.steps == 5
+    assert [row["step"] for row in callback.monitor.history] == [0, 2, 4]
