@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import socket
 import string
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +75,13 @@ class LiveServer:
     db: Path
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """uvicorn serving the page on a free loopback port, in a thread of the test process."""
+@contextmanager
+def serving(root: Path, **options: Any) -> Iterator[LiveServer]:
+    """uvicorn serving the page (runs and database in `root`) on a free loopback port, in a thread."""
     import uvicorn
 
-    root = tmp_path_factory.mktemp("serve")
     port = free_port()
-    app = create_app(root / "runs", root / "study.sqlite3", port=port, lab_data=tiny_words(root / "words.txt"))
+    app = create_app(root / "runs", root / "study.sqlite3", port=port, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -91,6 +93,76 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     yield LiveServer(f"http://127.0.0.1:{port}", root / "runs", root / "study.sqlite3")
     server.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The page with the real lab behind it."""
+    root = tmp_path_factory.mktemp("serve")
+    with serving(root, lab_data=tiny_words(root / "words.txt")) as server:
+        yield server
+
+
+def fake_run(runs: Path, run_id: str, description: str = "words", report: str = "<!doctype html><p>the report</p>"
+             ) -> Path:
+    """A finished lab run as `nnvitals lab` leaves it, without running it."""
+    folder = runs / run_id
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"config": {"stages": ["naive"], "profile": "quick",
+                                                               "steps": 5, "seed": 1}, "started": 1.0}))
+    stage = {"name": "naive", "title": "<b>bold</b> title", "start_loss_batch": 27.0, "baseline": 3.2958,
+             "verdict": "too-high", "saturation_init": 0.5, "saturation_end": 0.4, "train_loss": 2.5,
+             "val_loss": 2.6}
+    (folder / "summary.json").write_text(json.dumps({
+        "dataset": {"description": description, "words": 3, "vocab_size": 27, "baseline": 3.2958,
+                    "lesson_data": False}, "stages": [stage]}))
+    (folder / "report.html").write_text(report)
+    return folder
+
+
+FAKE_LAB = """
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+stages = args[args.index("--stages") + 1].split(",") if "--stages" in args else ["naive"]
+if {ignore_sigint}:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+out.mkdir(parents=True)
+(out / "config.json").write_text(json.dumps({{"config": {{"stages": stages, "profile": "quick", "steps": 5}},
+                                              "started": time.time()}}))
+pids = [os.getpid()]
+if {worker}:  # a worker process that ignores Ctrl-C as well, as a stuck one would
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"
+    pids.append(subprocess.Popen([sys.executable, "-c", code]).pid)
+(out / "pids").write_text(" ".join(map(str, pids)))
+with open(out / "events.jsonl", "a") as events:
+    events.write(json.dumps({{"event": "start", "stage": stages[0], "step": 0, "steps": 5}}) + "\\n")
+while not (out.parent / "go").exists():  # the test says when it finishes
+    time.sleep(0.02)
+(out / "summary.json").write_text(json.dumps({{
+    "dataset": {{"description": "fake words", "words": 3, "vocab_size": 27, "baseline": 3.2958,
+                 "lesson_data": False}}, "stages": []}}))
+(out / "report.html").write_text("<p>the report</p>")
+"""
+
+
+def fake_lab(folder: Path, *, ignore_sigint: bool = False, worker: bool = False) -> list[str]:
+    """A command standing in for `nnvitals lab`: it starts a run at once and finishes it when a file named
+    `go` appears in the runs folder; it can ignore Ctrl-C, and leave a worker process behind that does too."""
+    script = folder / "fake_lab.py"
+    script.write_text(FAKE_LAB.format(ignore_sigint=ignore_sigint, worker=worker))
+    return [sys.executable, str(script)]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X")
 
 
 @pytest.fixture(scope="module")

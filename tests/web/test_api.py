@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from nnvitals.study.material import packaged
 from nnvitals.web import create_app, runs
 from nnvitals.web.guard import Guard
 
-from .conftest import BASE, PORT, test_client
+from .conftest import BASE, PORT, alive, fake_lab, fake_run, test_client
 
 
 def test_calculators_answer_with_the_numbers_module(client):
@@ -45,6 +46,9 @@ def test_calculators_answer_with_the_numbers_module(client):
     ("POST", "/api/exercise/check", {"case": {"kind": "start-loss", "classes": 27}, "answers": []}, "case"),
     ("POST", "/api/exercise/check", {"case": {"kind": "guess"}, "answers": []}, "case.kind"),
     ("POST", "/api/review/grade", {"card_id": "card-baseline", "rating": 5}, "rating"),
+    ("POST", "/api/review/grade", {"card_id": "card-baseline", "rating": True}, "rating"),
+    ("POST", "/api/review/grade", {"card_id": "card-baseline", "rating": "3"}, "rating"),
+    ("POST", "/api/lab/job", {"steps": True}, "steps"),
     ("POST", "/api/review/grade", {"card_id": "card-unknown", "rating": 3}, "card_id"),
     ("POST", "/api/lab/job", {"steps": 0}, "steps"),
     ("POST", "/api/lab/job", {"stages": ["naive", "warp-drive"]}, "stages"),
@@ -56,6 +60,13 @@ def test_bad_input_is_422_naming_the_field(client, method, path, payload, field)
     body = r.json()
     assert field in [d["field"] for d in body["detail"]]
     assert body["message"].startswith(f"{field}: ")
+
+
+def test_a_body_that_is_not_json_is_named_as_the_body(client):
+    r = client.post("/api/review/grade", content=b"{rating: 3", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["message"].startswith("body: not valid JSON (")
+    assert client.get("/api/review").json()["reviews"] == 0
 
 
 def test_the_three_cases_checked_against_the_exercise_module(client):
@@ -158,21 +169,6 @@ def test_listening_beyond_loopback_still_refuses_domain_names():
     assert guard.host_problem("192.168.1.20:80") is not None
 
 
-def fake_run(runs: Path, run_id: str, description: str) -> Path:
-    folder = runs / run_id
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"config": {"stages": ["naive"], "profile": "quick",
-                                                               "steps": 5, "seed": 1}, "started": 1.0}))
-    stage = {"name": "naive", "title": "<b>bold</b> title", "start_loss_batch": 27.0, "baseline": 3.2958,
-             "verdict": "too-high", "saturation_init": 0.5, "saturation_end": 0.4, "train_loss": 2.5,
-             "val_loss": 2.6}
-    (folder / "summary.json").write_text(json.dumps({
-        "dataset": {"description": description, "words": 3, "vocab_size": 27, "baseline": 3.2958,
-                    "lesson_data": False}, "stages": [stage]}))
-    (folder / "report.html").write_text("<!doctype html><p>the report</p>")
-    return folder
-
-
 def test_everything_shown_is_escaped(client, folders):
     fake_run(folders["runs"], "run-1", '<script>alert("words")</script>')
     for page in ("/lab", "/lab/runs", "/lab/runs/run-1"):
@@ -201,6 +197,61 @@ def test_run_ids_cannot_reach_outside_the_runs_folder(client, folders, run_id):
     for name in ("..", "../secret", "/etc", "run-1/..", "outside"):
         with pytest.raises(runs.UnknownRun):
             runs.run_folder(folders["runs"], name)
+
+
+def test_files_linked_from_inside_a_run_folder_are_not_served(client, folders):
+    secret = fake_run(folders["runs"].parent, "secret", "the secret run", report="<p>the secret report</p>")
+    linked = folders["runs"] / "linked"
+    linked.mkdir(parents=True)
+    (linked / "config.json").write_text(json.dumps({"config": {"stages": ["naive"]}, "started": 2.0}))
+    (linked / "summary.json").symlink_to(secret / "summary.json")
+    (linked / "report.html").symlink_to(secret / "report.html")
+    borrowed = folders["runs"] / "borrowed"  # a folder whose very config is elsewhere is no run at all
+    borrowed.mkdir()
+    (borrowed / "config.json").symlink_to(secret / "config.json")
+    (borrowed / "report.html").symlink_to(secret / "report.html")
+    for path in ("/lab/runs/linked/report.html", "/api/runs/linked", "/lab/runs/borrowed/report.html",
+                 "/api/runs/borrowed"):
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert "secret" not in r.text
+    assert "secret" not in client.get("/lab/runs/linked").text
+    assert [(r["id"], r["finished"]) for r in client.get("/api/runs").json()] == [("linked", False)]
+    if Path("/etc/hostname").is_file():
+        (linked / "report.html").unlink()
+        (linked / "report.html").symlink_to("/etc/hostname")
+        assert client.get("/lab/runs/linked/report.html").status_code == 404
+
+
+def test_a_malformed_run_is_listed_as_unreadable_and_the_others_still_show(client, folders):
+    fake_run(folders["runs"], "good", "the good words")
+    bad_config = folders["runs"] / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text(json.dumps({"config": "x", "started": "yesterday"}))
+    for run_id, dataset in (("no-dataset", None), ("null-words", {"description": "d", "words": None})):
+        folder = fake_run(folders["runs"], run_id)
+        done = json.loads((folder / "summary.json").read_text())
+        if dataset is None:
+            del done["dataset"]
+        else:
+            done["dataset"] = dataset
+        done["stages"][0]["val_loss"] = "low"
+        (folder / "summary.json").write_text(json.dumps(done))
+    odd = fake_run(folders["runs"], "odd-times")
+    (odd / "config.json").write_text(json.dumps({"config": {"stages": "naive", "steps": -3}, "started": "yesterday"}))
+
+    for page in ("/lab", "/lab/runs", "/lab/runs/no-dataset", "/lab/runs/bad-config", "/lab/runs/null-words"):
+        assert client.get(page).status_code == 200, page
+    listed = {r["id"]: r for r in client.get("/api/runs").json()}
+    assert set(listed) == {"good", "bad-config", "no-dataset", "null-words", "odd-times"}
+    assert listed["good"]["finished"] and listed["good"]["problem"] is None
+    assert listed["bad-config"]["problem"] == "config.json is not a lab run's configuration"
+    assert listed["no-dataset"]["problem"] == "summary.json is not a lab run's summary"
+    assert listed["null-words"]["finished"] and listed["null-words"]["dataset"]["words"] is None
+    assert listed["null-words"]["results"][0]["val_loss"] is None
+    assert listed["odd-times"]["started"] is None and listed["odd-times"]["steps"] is None
+    html = client.get("/lab").text
+    assert "the good words" in html and "Unreadable: summary.json is not a lab run&#39;s summary" in html
 
 
 def wait_for(client, states, timeout=90.0):
@@ -234,6 +285,71 @@ def test_a_lab_run_can_be_cancelled_and_keeps_its_checkpoint(client, folders):
     assert "nnvitals lab --resume" in client.get("/lab").text
 
 
+def wait_until(condition, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def pids_of(folder: Path) -> list[int]:
+    wait_until(lambda: (folder / "pids").is_file())
+    return [int(p) for p in (folder / "pids").read_text().split()]
+
+
+def test_a_bare_start_runs_every_stage_and_the_list_says_which_run_is_going(tmp_path):
+    app = create_app(tmp_path / "runs", tmp_path / "db.sqlite3", port=PORT, lab_command=fake_lab(tmp_path))
+    with test_client(app) as c:
+        started = c.post("/api/lab/job")  # no body: every field has its default
+        assert started.status_code == 202, started.text
+        job = started.json()
+        assert [s["name"] for s in job["stages"]] == list(runs.stage_names())
+        folder = tmp_path / "runs" / job["run_id"]
+        pids_of(folder)
+        page = c.get("/lab").text
+        assert "Running now" in page and f"--resume {folder.resolve()}" not in page
+        assert [r["running"] for r in c.get("/api/runs").json()] == [True]
+        (tmp_path / "runs" / "go").touch()
+        assert wait_for(c, {"finished", "failed", "cancelled"}, timeout=15)["state"] == "finished"
+        assert "Running now" not in c.get("/lab").text
+
+
+def test_a_run_that_ignores_cancel_is_killed_with_its_workers(tmp_path):
+    runner = runs.LabRunner(tmp_path / "runs", command=fake_lab(tmp_path, ignore_sigint=True, worker=True),
+                            grace_s=0.5)
+    job = runner.start(["naive"], 5)
+    pids = pids_of(tmp_path / "runs" / job["run_id"])
+    assert runner.cancel()["state"] == "cancelling"
+    wait_until(lambda: runner.status()["state"] != "cancelling")
+    status = runner.status()
+    assert status["state"] == "cancelled" and "killed" in status["message"]
+    wait_until(lambda: not any(alive(pid) for pid in pids))  # the worker too
+    runner.start(["naive"], 5)  # free for the next run
+    runner.shutdown()
+
+
+def test_stopping_the_server_stops_the_run_and_its_workers(tmp_path):
+    runner = runs.LabRunner(tmp_path / "runs", command=fake_lab(tmp_path, ignore_sigint=True, worker=True),
+                            grace_s=0.3)
+    job = runner.start(["naive"], 5)
+    pids = pids_of(tmp_path / "runs" / job["run_id"])
+    started = time.monotonic()
+    runner.shutdown()
+    assert time.monotonic() - started < 10
+    wait_until(lambda: not any(alive(pid) for pid in pids))
+    assert runner.status()["state"] == "cancelled"
+
+
+def test_a_run_that_finishes_after_a_late_cancel_is_finished(tmp_path):
+    runner = runs.LabRunner(tmp_path / "runs", command=fake_lab(tmp_path, ignore_sigint=True), grace_s=30)
+    job = runner.start(["naive"], 5)
+    pids_of(tmp_path / "runs" / job["run_id"])
+    assert runner.cancel()["state"] == "cancelling"
+    (tmp_path / "runs" / "go").touch()  # it saves its summary and exits 0 before it sees the Ctrl-C
+    wait_until(lambda: runner.status()["state"] != "cancelling")
+    assert runner.status()["state"] == "finished" and runner.status()["fraction"] == 1.0
+
+
 def test_a_run_that_cannot_start_says_why(tmp_path):
     app = create_app(tmp_path / "runs", tmp_path / "db.sqlite3", port=PORT, lab_data=tmp_path / "no-such-words.txt")
     with test_client(app) as c:
@@ -248,9 +364,26 @@ def test_the_api_is_documented(client):
     assert {"/api/numbers/baseline", "/api/numbers/verdict", "/api/numbers/tanh", "/api/exercise/check",
             "/api/exercise/drill", "/api/review", "/api/review/grade", "/api/runs", "/api/runs/{run_id}",
             "/api/lab/job", "/api/lab/job/cancel"} <= set(schema["paths"])
+    def returns(operation, code):
+        return operation["responses"][code]["content"]["application/json"]["schema"].get("$ref", "").split("/")[-1]
+
     grade = schema["paths"]["/api/review/grade"]["post"]
-    assert "422" in grade["responses"] and grade["summary"]
+    assert returns(grade, "200") == "Graded" and "422" in grade["responses"]
+    assert grade["requestBody"]["required"] is True
+    start = schema["paths"]["/api/lab/job"]["post"]
+    assert returns(start, "202") == "JobStatus" and "409" in start["responses"]
+    assert not start["requestBody"].get("required", False)  # a bare POST starts the default run
+    job = schema["components"]["schemas"]["JobStatus"]["properties"]
+    assert set(job["state"]["enum"]) == {"idle", "running", "cancelling", "cancelled", "finished", "failed"}
+    assert returns(schema["paths"]["/api/numbers/baseline"]["get"], "200") == "Baseline"
     assert client.get("/docs").status_code == 404  # FastAPI's interactive docs would load a CDN's scripts
+
+
+def test_a_report_is_shown_sandboxed(client, folders):
+    fake_run(folders["runs"], "run-1")
+    policy = client.get("/lab/runs/run-1/report.html").headers["content-security-policy"]
+    assert "sandbox" in policy.split("; ") and "form-action 'none'" in policy
+    assert re.search(r'<iframe class="report"[^>]* sandbox>', client.get("/lab/runs/run-1").text)
 
 
 def test_pages_come_with_their_assets_and_nothing_from_elsewhere(client):

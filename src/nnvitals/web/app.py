@@ -11,7 +11,7 @@ import random
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +38,10 @@ MAX_MAGNITUDE = 1e6  # losses and pre-activations beyond this are typing mistake
 # Scripts, styles and pictures come from this server only; lab reports embed their pictures as data: URLs.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                "frame-src 'self'; frame-ancestors 'self'; base-uri 'none'; form-action 'self'")
-REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
+# A report is a file in the runs folder, which anyone may have edited: sandboxed (an origin of its own, no
+# scripts, no forms), so HTML slipped into it cannot use the API as the page.
+REPORT_POLICY = ("sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'; "
+                 "form-action 'none'; base-uri 'none'")
 
 
 # --- the API's shapes ------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ class ReviewState(BaseModel):
 
 class GradeRequest(BaseModel):
     card_id: str = Field(max_length=100)
-    rating: int = Field(ge=1, le=4, description="1 Again, 2 Hard, 3 Good, 4 Easy")
+    rating: int = Field(ge=1, le=4, strict=True, description="1 Again, 2 Hard, 3 Good, 4 Easy")
 
     @field_validator("card_id")
     @classmethod
@@ -176,7 +179,7 @@ class Graded(BaseModel):
 class JobRequest(BaseModel):
     stages: list[str] | None = Field(None, min_length=1, max_length=12,
                                      description="a subset of the lab's stages; all of them when absent")
-    steps: int | None = Field(None, ge=1, le=runs.MAX_STEPS,
+    steps: int | None = Field(None, ge=1, le=runs.MAX_STEPS, strict=True,
                               description="steps per stage; the quick profile's 20,000 when absent")
 
     @field_validator("stages")
@@ -206,51 +209,64 @@ class JobStatus(BaseModel):
     fraction: float
     message: str | None
     seconds: float
-    finished: bool
 
 
 # --- the app -----------------------------------------------------------------------------------------------
 
-def _field(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc]
+def _field(error: Any) -> str:
+    if error.get("type") == "json_invalid":
+        return "body"  # its loc is the offset of the mistake
+    parts = [str(p) for p in error.get("loc", ())]
     if parts and parts[0] in ("body", "query", "path"):
         parts = parts[1:]
     return ".".join(parts) or "body"
 
 
 def _msg(error: Any) -> str:
+    if error.get("type") == "json_invalid":
+        where = error.get("loc", ("body", "?"))[-1]
+        return f"not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} at character {where})"
     return str(error.get("msg", "invalid")).removeprefix("Value error, ")
 
 
+def _when(t: float | None) -> str:
+    try:
+        return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else ""
+    except (ValueError, OverflowError, OSError):  # a time no calendar holds
+        return ""
+
+
 def _review_state(db: Path, lesson: Lesson) -> ReviewState:
-    ids = lesson.card_ids
-    due, new = store.due_cards(db, ids), store.new_cards(db, ids)
-    summary = store.stats(db, ids)
+    now = datetime.now(UTC)
+    summary = store.stats(db, lesson.card_ids, now)  # each card's schedule too: one look at the database
+    due = sorted((s for s in summary.schedules if s.due is not None and s.due <= now), key=lambda s: s.due or now)
+    new = [s for s in summary.schedules if s.state == "new"]
     card = None
     if due or new:
-        nxt = lesson.card((due + new)[0])
-        schedule = next(s for s in summary.schedules if s.card_id == nxt.id)
+        schedule = (due + new)[0]  # the most overdue, else the first new one (as `nnvitals study review`)
+        nxt = lesson.card(schedule.card_id)
         card = CardOut(id=nxt.id, question=nxt.question, answer=nxt.answer, state=schedule.state,
                        reviews=schedule.reviews)
-    return ReviewState(cards=len(ids), due=len(due), new=len(new), reviews=summary.reviews, card=card,
+    return ReviewState(cards=summary.cards, due=len(due), new=len(new), reviews=summary.reviews, card=card,
                        next_due=summary.next_due, db=str(db))
 
 
 def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None, *, host: str = "127.0.0.1",
                port: int = 8765, lab_data: str | Path | None = None,
-               lab_command: Sequence[str] | None = None) -> FastAPI:
+               lab_command: Sequence[str] | None = None, lab_grace_s: float = runs.CANCEL_GRACE_S) -> FastAPI:
     """The lesson page for a server at `host`:`port`.
 
     runs_dir: the lab's runs folder (listed, and where new runs go); db_path: the review database
     (default: the one `nnvitals study review` uses); lab_data: the word list for runs started from the
     page (default: the lab's own choice); lab_command: the lab command line (default: `nnvitals lab` in
-    this interpreter).
+    this interpreter); lab_grace_s: how long a cancelled run may take to stop before it is killed.
     """
     lesson = packaged()
     runs_path = Path(runs_dir)
     db = Path(db_path) if db_path is not None else store.default_path()
     guard = Guard(host, port)
-    runner = runs.LabRunner(runs_path, Path(lab_data) if lab_data is not None else None, lab_command)
+    runner = runs.LabRunner(runs_path, Path(lab_data) if lab_data is not None else None, lab_command,
+                            lab_grace_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -272,9 +288,9 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
     )
 
     env = Environment(loader=PackageLoader("nnvitals.web", "templates"), autoescape=select_autoescape(default=True))
-    env.filters["nats"] = lambda x: "" if x is None else f"{x:.4f}"
-    env.filters["pct"] = lambda x: "" if x is None else f"{100 * x:.1f}%"
-    env.filters["when"] = lambda t: "" if not t else datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+    env.filters["nats"] = lambda x: f"{x:.4f}" if isinstance(x, float | int) else ""
+    env.filters["pct"] = lambda x: f"{100 * x:.1f}%" if isinstance(x, float | int) else ""
+    env.filters["when"] = _when
     templates = Jinja2Templates(env=env)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
@@ -294,14 +310,17 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        message = "; ".join(f"{_field(e.get('loc', ()))}: {_msg(e)}" for e in errors)
-        detail = [{"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())), "msg": _msg(e),
+        message = "; ".join(f"{_field(e)}: {_msg(e)}" for e in errors)
+        detail = [{"loc": list(e.get("loc", ())), "field": _field(e), "msg": _msg(e),
                    "type": e.get("type")} for e in errors]
         return JSONResponse({"detail": jsonable_encoder(detail), "message": message}, status_code=422)
 
-    def page(request: Request, name: str, **context: Any) -> HTMLResponse:
+    def page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {"lesson": lesson, "page": name.removesuffix(".html"),
-                                                          **context})
+                                                          **context}, status_code=status_code)
+
+    def listed() -> dict[str, Any]:
+        return {"runs": runs.list_runs(runs_path, runner.running()), "runs_dir": runs_path}
 
     # --- pages ------------------------------------------------------------------------------------------
 
@@ -328,22 +347,19 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
 
     @app.get("/lab", response_class=HTMLResponse, include_in_schema=False)
     def lab_page(request: Request) -> HTMLResponse:
-        return page(request, "lab.html", runs=runs.list_runs(runs_path), runs_dir=runs_path,
-                    stages=runs.stage_names(), max_steps=runs.MAX_STEPS)
+        return page(request, "lab.html", stages=runs.stage_names(), max_steps=runs.MAX_STEPS, **listed())
 
     @app.get("/lab/runs", response_class=HTMLResponse, include_in_schema=False)
     def runs_fragment(request: Request) -> HTMLResponse:
-        return templates.TemplateResponse(request, "_runs.html", {"runs": runs.list_runs(runs_path),
-                                                                  "runs_dir": runs_path})
+        return templates.TemplateResponse(request, "_runs.html", listed())
 
     @app.get("/lab/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
     def run_page(request: Request, run_id: str) -> HTMLResponse:
         try:
             run = runs.describe(runs_path, run_id)
         except runs.UnknownRun:
-            return HTMLResponse(env.get_template("missing.html").render(lesson=lesson, page="lab", run_id=run_id,
-                                                                        runs_dir=runs_path), status_code=404)
-        return page(request, "run.html", run=run, runs_dir=runs_path)
+            return page(request, "missing.html", 404, run_id=run_id, runs_dir=runs_path)
+        return page(request, "run.html", run=run | {"running": run_id == runner.running()}, runs_dir=runs_path)
 
     @app.get("/lab/runs/{run_id}/report.html", include_in_schema=False)
     def run_report(run_id: str) -> FileResponse:
@@ -435,8 +451,9 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
 
     @app.get("/api/runs", tags=["lab"])
     def list_runs() -> list[dict[str, Any]]:
-        """The lab runs in the runs folder, newest first, with each finished stage's headline numbers."""
-        return runs.list_runs(runs_path)
+        """The lab runs in the runs folder, newest first, with each finished stage's headline numbers (a run
+        whose files are not the lab's has `problem` saying so)."""
+        return runs.list_runs(runs_path, runner.running())
 
     @app.get("/api/runs/{run_id}", tags=["lab"])
     def run_summary(run_id: str) -> dict[str, Any]:
@@ -456,10 +473,12 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
 
     @app.post("/api/lab/job", response_model=JobStatus, status_code=202, tags=["lab"],
               responses={409: {"description": "a lab run is already in progress"}})
-    def start_job(request: JobRequest) -> dict[str, Any]:
-        """Start a lab run in the background (one at a time); it appears in the runs list when done."""
+    def start_job(request: Annotated[JobRequest | None, Body()] = None) -> dict[str, Any]:
+        """Start a lab run in the background (one at a time); it appears in the runs list when done. With no
+        body, every stage with the quick profile's steps."""
+        asked = request or JobRequest(stages=None, steps=None)
         try:
-            return runner.start(request.stages, request.steps)
+            return runner.start(asked.stages, asked.steps)
         except runs.Busy as e:
             raise HTTPException(409, str(e)) from None
         except OSError as e:
@@ -468,7 +487,8 @@ def create_app(runs_dir: str | Path = "runs", db_path: str | Path | None = None,
     @app.post("/api/lab/job/cancel", response_model=JobStatus, tags=["lab"],
               responses={409: {"description": "no lab run is in progress"}})
     def cancel_job() -> dict[str, Any]:
-        """Stop the run in progress (it saves a checkpoint; `nnvitals lab --resume` continues it)."""
+        """Stop the run in progress (it saves a checkpoint; `nnvitals lab --resume` continues it); a run that
+        has not stopped 20 s later is killed."""
         try:
             return runner.cancel()
         except LookupError as e:

@@ -38,7 +38,6 @@ def _listen(host: str, port: int) -> socket.socket:
             raise _bad(f"port {port} is already in use on {host}; choose another with --port") from None
         raise _bad(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -66,8 +65,6 @@ def serve(host: str, port: int, open_browser: bool, runs_dir: Path, db: Path | N
 
     from nnvitals.web.app import create_app
 
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise _bad(f"--runs {runs_dir} is not a folder")
     db_path = db if db is not None else store.default_path()
     try:
         store.open_store(db_path).close()  # refuse a foreign or damaged file now, not on the first grade

@@ -20,21 +20,17 @@ from urllib.parse import urlsplit
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `name` spells ('[::1]' too), None for a host name."""
+    try:
+        return ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return None
+
+
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.strip("[]"))
-    except ValueError:
-        return False
-    return True
+    address = _ip(host)
+    return host == "localhost" or (address is not None and address.is_loopback)
 
 
 def _split(authority: str, default_port: int) -> tuple[str, int] | None:
@@ -55,7 +51,7 @@ class Guard:
     def __init__(self, host: str, port: int):
         self.port = port
         names = {"localhost"}
-        if not _is_ip(host):
+        if _ip(host) is None:
             names.add(host.lower())
         if not is_loopback(host):  # reachable by the machine's own name too
             names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
@@ -69,7 +65,7 @@ class Guard:
         if where is None:
             return f"the Host {host_header!r} is malformed"
         name, port = where
-        if port != self.port or not (name in self.names or _is_ip(name)):
+        if port != self.port or not (name in self.names or _ip(name) is not None):
             return (f"the Host {host_header!r} is not this server (DNS rebinding protection); open the page as "
                     f"http://127.0.0.1:{self.port}/ or http://localhost:{self.port}/")
         return None

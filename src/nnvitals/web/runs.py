@@ -8,8 +8,10 @@ the stage names are read from the lab's models module when first needed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -53,16 +55,25 @@ class Busy(RuntimeError):
 
 def run_folder(runs_dir: Path, run_id: str) -> Path:
     """The folder of run `run_id`, only if it is a lab run directly inside `runs_dir` (symlinks resolved)."""
-    if not _RUN_ID.match(run_id) or ".." in run_id:
+    if not _RUN_ID.match(run_id):
         raise UnknownRun(run_id)
     base = runs_dir.resolve()
     folder = (base / run_id).resolve()
-    if folder.parent != base or not (folder / CONFIG_FILE).is_file():
+    if folder.parent != base or _own_file(folder, CONFIG_FILE) is None:
         raise UnknownRun(run_id)
     return folder
 
 
-def _read_json(path: Path) -> Any:
+def _own_file(folder: Path, name: str) -> Path | None:
+    """`folder`/`name` when it is a file of the run itself: a link to a file elsewhere is not."""
+    path = (folder / name).resolve()
+    return path if path.parent == folder and path.is_file() else None
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    path = _own_file(folder, name)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -71,56 +82,94 @@ def _read_json(path: Path) -> Any:
 
 def summary(runs_dir: Path, run_id: str) -> dict[str, Any] | None:
     """The run's summary.json (see nnvitals.lab.report), None while it has none."""
-    data = _read_json(run_folder(runs_dir, run_id) / SUMMARY_FILE)
+    data = _read_json(run_folder(runs_dir, run_id), SUMMARY_FILE)
     return data if isinstance(data, dict) else None
 
 
 def report_path(runs_dir: Path, run_id: str) -> Path:
-    path = run_folder(runs_dir, run_id) / REPORT_FILE
-    if not path.is_file():
+    path = _own_file(run_folder(runs_dir, run_id), REPORT_FILE)
+    if path is None:
         raise UnknownRun(run_id)
     return path
 
 
+# What the list shows is read from files anyone can edit: each value is kept only when it has the lab's type.
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+_STAGE_NUMBERS = ("start_loss_batch", "baseline", "saturation_init", "saturation_end", "train_loss", "val_loss",
+                  "val_loss_calibrated")
+
+
+def _stage(st: dict[str, Any]) -> dict[str, Any]:
+    reference = st.get("reference")
+    return ({"name": _text(st.get("name")), "title": _text(st.get("title")), "verdict": _text(st.get("verdict"))}
+            | {k: _number(st.get(k)) for k in _STAGE_NUMBERS}
+            | {"reference": {k: _number(v) for k, v in reference.items() if _number(v) is not None}
+               if isinstance(reference, dict) else None})
+
+
 def describe(runs_dir: Path, run_id: str) -> dict[str, Any]:
-    """One run for the list: what was asked and, once finished, each stage's headline numbers."""
+    """One run for the list: what was asked and, once finished, each stage's headline numbers.
+
+    A run whose files do not have the lab's shape is listed with `problem` saying so, and no numbers.
+    """
     folder = run_folder(runs_dir, run_id)
-    config = _read_json(folder / CONFIG_FILE) or {}
-    asked = config.get("config", {}) if isinstance(config, dict) else {}
-    done = summary(runs_dir, run_id)
+    config = _read_json(folder, CONFIG_FILE)
+    asked = config.get("config") if isinstance(config, dict) else None
+    stages = asked.get("stages") if isinstance(asked, dict) else None
     item: dict[str, Any] = {
         "id": run_id,
-        "finished": done is not None,
-        "started": config.get("started") if isinstance(config, dict) else None,
-        "stages": asked.get("stages", []),
-        "profile": asked.get("profile"),
-        "steps": asked.get("steps"),
+        "finished": False,
+        "problem": None,
+        "started": _number(config.get("started")) if isinstance(config, dict) else None,
+        "stages": [s for s in stages if isinstance(s, str)] if isinstance(stages, list) else [],
+        "profile": _text(asked.get("profile")) if isinstance(asked, dict) else None,
+        "steps": _count(asked.get("steps")) if isinstance(asked, dict) else None,
         "folder": str(folder),
     }
-    if done is None:
+    if not isinstance(asked, dict):
+        item["problem"] = f"{CONFIG_FILE} is not a lab run's configuration"
         return item
-    item["dataset"] = {k: done["dataset"].get(k) for k in ("description", "words", "vocab_size", "baseline",
-                                                           "lesson_data")}
-    item["results"] = [
-        {k: st.get(k) for k in ("name", "title", "start_loss_batch", "baseline", "verdict", "saturation_init",
-                                "saturation_end", "train_loss", "val_loss", "val_loss_calibrated")}
-        | {"reference": st.get("reference")}
-        for st in done.get("stages", [])
-    ]
+    if _own_file(folder, SUMMARY_FILE) is None:
+        return item  # not finished (yet)
+    done = summary(runs_dir, run_id)
+    dataset = done.get("dataset") if done is not None else None
+    results = done.get("stages") if done is not None else None
+    if not isinstance(dataset, dict) or not isinstance(results, list) or not all(isinstance(st, dict)
+                                                                                  for st in results):
+        item["problem"] = f"{SUMMARY_FILE} is not a lab run's summary"
+        return item
+    item["finished"] = True
+    item["dataset"] = {"description": _text(dataset.get("description")), "words": _count(dataset.get("words")),
+                       "vocab_size": _count(dataset.get("vocab_size")), "baseline": _number(dataset.get("baseline")),
+                       "lesson_data": dataset.get("lesson_data") is True}
+    item["results"] = [_stage(st) for st in results]
     return item
 
 
-def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Every lab run in the folder, newest first."""
+def list_runs(runs_dir: Path, running: str | None = None) -> list[dict[str, Any]]:
+    """Every lab run in the folder, newest first; `running` names the one in progress (marked so)."""
     if not runs_dir.is_dir():
         return []
     found = []
     for entry in runs_dir.iterdir():
         try:
-            found.append(describe(runs_dir, entry.name))
+            found.append(describe(runs_dir, entry.name) | {"running": entry.name == running})
         except UnknownRun:
             continue  # not a lab run
-    return sorted(found, key=lambda r: (r["started"] or 0, r["id"]), reverse=True)
+    return sorted(found, key=lambda r: (r["started"] or 0.0, r["id"]), reverse=True)
 
 
 # --- the background run ---------------------------------------------------------------------------
@@ -131,43 +180,49 @@ class _Job:
     run_id: str
     folder: Path
     stages: tuple[str, ...]
-    steps: int | None
     process: subprocess.Popen[bytes]
     stderr: IO[bytes]
     started: float
     cancelled: bool = False
+    killed: bool = False
     ended: float | None = None
     message: str | None = None
-    returncode: int | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events_read: int = 0  # bytes of events.jsonl already applied to `rows`
 
 
-def _stage_progress(stages: Sequence[str], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = {s: {"name": s, "state": "waiting", "step": 0, "steps": None, "loss": None} for s in stages}
-    for e in events:
-        row = rows.get(e.get("stage", ""))
-        if row is None:
-            continue
-        kind = e.get("event")
-        if kind == "start":
-            row.update(state="running", step=e["step"], steps=e["steps"])
-        elif kind == "progress":
-            row.update(state="running", step=e["step"], steps=e["steps"], loss=e["loss"])
-        elif kind == "done":
-            r = e["result"]
-            row.update(state="done", step=r["steps"], steps=r["steps"], loss=r.get("val_loss"))
-        elif kind == "interrupted":
-            row.update(state="stopped", step=e["step"])
-    return list(rows.values())
+def _apply(rows: dict[str, dict[str, Any]], event: Any) -> None:
+    """One line of events.jsonl into the stage rows (lines of another shape are passed over)."""
+    if not isinstance(event, dict):
+        return
+    stage = event.get("stage")
+    row = rows.get(stage) if isinstance(stage, str) else None
+    if row is None:
+        return
+    kind = event.get("event")
+    result = event.get("result")
+    if kind == "done" and isinstance(result, dict):
+        steps = _count(result.get("steps"))
+        row.update(state="done", step=steps or row["step"], steps=steps, loss=_number(result.get("val_loss")))
+    elif kind in ("start", "progress", "interrupted") and _count(event.get("step")) is not None:
+        row["step"] = event["step"]
+        if kind == "interrupted":
+            row["state"] = "stopped"
+        else:
+            row.update(state="running", steps=_count(event.get("steps")) or row["steps"])
+            if kind == "progress":
+                row["loss"] = _number(event.get("loss"))
 
 
 class LabRunner:
     """Starts `nnvitals lab` in the background, one run at a time, and reports how far it got."""
 
-    def __init__(self, runs_dir: Path, data: Path | None = None, command: Sequence[str] | None = None):
+    def __init__(self, runs_dir: Path, data: Path | None = None, command: Sequence[str] | None = None,
+                 grace_s: float = CANCEL_GRACE_S):
         self.runs_dir = runs_dir
         self.data = data
         self.command = list(command) if command else [sys.executable, "-m", "nnvitals", "lab"]
+        self.grace_s = grace_s
         self._lock = threading.Lock()
         self._job: _Job | None = None
 
@@ -177,6 +232,12 @@ class LabRunner:
         while (self.runs_dir / run_id).exists():
             run_id, n = f"{stamp}-lab-{n}", n + 1
         return run_id
+
+    def running(self) -> str | None:
+        """The id of the run in progress, if any."""
+        with self._lock:
+            job = self._job
+            return job.run_id if job is not None and job.process.poll() is None else None
 
     def start(self, stages: Sequence[str] | None, steps: int | None) -> dict[str, Any]:
         with self._lock:
@@ -197,86 +258,107 @@ class LabRunner:
                 args += ["--steps", str(steps)]
             stderr = tempfile.TemporaryFile()  # noqa: SIM115  (read and closed when the run ends)
             env = {**os.environ, "MPLBACKEND": "Agg"}
-            # Its own session: a Ctrl-C meant for the server does not reach it; shutdown() stops it instead.
+            # Its own session and process group: a Ctrl-C meant for the server does not reach it, and _stop
+            # reaches its worker processes too.
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                        env=env, start_new_session=True)
-            self._job = _Job(run_id, folder, tuple(stages or stage_names()), steps, process, stderr, time.time())
+            names = tuple(stages or stage_names())
+            rows = {s: {"name": s, "state": "waiting", "step": 0, "steps": None, "loss": None} for s in names}
+            self._job = _Job(run_id, folder, names, process, stderr, time.time(), rows=rows)
             return self._status(self._job)
 
     def cancel(self) -> dict[str, Any]:
+        """Ctrl-C for the run in progress (it saves a checkpoint and stops); killed if still going after grace_s."""
         with self._lock:
             job = self._job
             if job is None or job.process.poll() is not None:
                 raise LookupError("no lab run is in progress")
-            job.cancelled = True
-            job.process.send_signal(signal.SIGINT)  # the lab saves a checkpoint at the next step and stops
+            if not job.cancelled:
+                job.cancelled = True
+                threading.Thread(target=self._stop, args=(job, self.grace_s), daemon=True).start()
             return self._status(job)
+
+    def shutdown(self) -> None:
+        """Stop a run still going when the server stops, as cancel does, waiting for it to end."""
+        with self._lock:
+            job = self._job
+            if job is None or job.process.poll() is not None:
+                return
+            job.cancelled = True
+        self._stop(job, self.grace_s)
+
+    @staticmethod
+    def _stop(job: _Job, grace: float) -> None:
+        """Ctrl-C to the run's whole process group (the lab and its workers); after `grace` seconds, kill it."""
+        pgid = job.process.pid  # the leader of its own session (start_new_session)
+        try:
+            os.killpg(pgid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        try:
+            job.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            job.killed = True
+        # The lab waits for its workers, but a stuck one would outlive it: the group goes, whatever is left of it.
+        # (While any member lives the group id is not reused, so this reaches no one else.)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        job.process.wait()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
             if self._job is None:
                 return {"state": "idle", "run_id": None, "stages": [], "fraction": 0.0, "message": None,
-                        "seconds": 0.0, "finished": False}
+                        "seconds": 0.0}
             return self._status(self._job)
 
     def _status(self, job: _Job) -> dict[str, Any]:
         code = job.process.poll()
         if code is not None and job.ended is None:
-            job.ended, job.returncode = time.time(), code
+            job.ended = time.time()
             job.stderr.seek(0)
             lines = [ln.strip() for ln in job.stderr.read().decode("utf-8", "replace").splitlines() if ln.strip()]
             job.stderr.close()
             if code != 0 and not job.cancelled:
                 errors = [ln for ln in lines if ln.startswith("error:")]
                 job.message = (errors or lines or [f"the lab stopped with exit code {code}"])[-1]
-        job.events = self._events(job)
+        self._read_events(job)
         if code is None:
             state = "cancelling" if job.cancelled else "running"
+        elif code == 0 and _own_file(job.folder.resolve(), SUMMARY_FILE) is not None:
+            state = "finished"  # even when a cancel came too late to stop it
         elif job.cancelled:
             state = "cancelled"
+            if job.killed:
+                job.message = f"it did not stop within {self.grace_s:g} s of Ctrl-C, so it was killed"
         else:
-            state = "finished" if code == 0 and (job.folder / SUMMARY_FILE).is_file() else "failed"
-            if state == "failed" and job.message is None:
+            state = "failed"
+            if job.message is None:
                 job.message = f"the lab ended (exit code {code}) without writing its summary"
-        stages = _stage_progress(job.stages, job.events)
+        stages = list(job.rows.values())
         parts = [1.0 if s["state"] == "done" else (s["step"] / s["steps"] if s["steps"] else 0.0) for s in stages]
         return {
             "state": state,
             "run_id": job.run_id,
             "stages": stages,
-            "fraction": 1.0 if state == "finished" else (sum(parts) / len(parts) if parts else 0.0),
+            "fraction": 1.0 if state == "finished" else (min(1.0, sum(parts) / len(parts)) if parts else 0.0),
             "message": job.message,
             "seconds": (job.ended or time.time()) - job.started,
-            "finished": state == "finished",
         }
 
     @staticmethod
-    def _events(job: _Job) -> list[dict[str, Any]]:
-        path = job.folder / EVENTS_FILE
+    def _read_events(job: _Job) -> None:
+        """Apply the lines appended to events.jsonl since the last look (a line still being written waits)."""
         try:
-            text = path.read_text(encoding="utf-8")
+            with (job.folder / EVENTS_FILE).open("rb") as f:
+                f.seek(job.events_read)
+                new = f.read()
         except OSError:
-            return job.events
-        events = []
-        for line in text.splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                break  # a line still being written
-            if isinstance(event, dict):
-                events.append(event)
-        return events
-
-    def shutdown(self) -> None:
-        """Stop a run still going when the server stops: Ctrl-C, then kill after a grace period."""
-        with self._lock:
-            job = self._job
-        if job is None or job.process.poll() is not None:
             return
-        job.cancelled = True
-        job.process.send_signal(signal.SIGINT)
-        try:
-            job.process.wait(CANCEL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            job.process.kill()
-            job.process.wait()
+        complete = new[:new.rfind(b"\n") + 1]
+        job.events_read += len(complete)
+        for line in complete.splitlines():
+            try:
+                _apply(job.rows, json.loads(line))
+            except ValueError:
+                continue

@@ -60,7 +60,15 @@ document.querySelectorAll("#cases .case").forEach(watchCase);
 
 let drilled = 0;
 document.getElementById("new-case").addEventListener("click", async () => {
-  const posed = await api("/api/exercise/drill");
+  const error = document.getElementById("drill-error");
+  error.textContent = "";
+  let posed;
+  try {
+    posed = await api("/api/exercise/drill");
+  } catch (e) {
+    error.textContent = `No new case: ${e.message}`;
+    return;
+  }
   const template = document.getElementById("case-template");
   const section = template.content.querySelector(".case").cloneNode(true);
   drilled += 1;
@@ -89,7 +97,9 @@ for (const form of document.querySelectorAll(".calc")) {
     const output = form.querySelector(".result");
     const params = new URLSearchParams();
     for (const input of form.querySelectorAll("input")) {
-      params.set(input.name, input.value.trim().replace(",", "."));
+      // A count takes thousands separators (1,000 or 1 000); a real number a decimal comma (3,30).
+      const text = input.value.trim();
+      params.set(input.name, input.name === "classes" ? text.replace(/[,_\s]/g, "") : text.replace(",", "."));
       input.removeAttribute("aria-invalid");
     }
     output.className = "result";

@@ -4,8 +4,8 @@
 
 const byId = (id) => document.getElementById(id);
 const RUNNING = new Set(["running", "cancelling"]);
-let polling = null;
-let lastState = null;
+let pollPending = false; // a poll is waiting or in flight: never two at once
+let lastState = null; // null until the first answer
 
 function stageRow(stage) {
   const tr = document.createElement("tr");
@@ -27,8 +27,16 @@ function stageRow(stage) {
 }
 
 async function refreshRuns() {
-  const response = await fetch("/lab/runs");
-  if (response.ok) byId("runs").innerHTML = await response.text(); // rendered and escaped by the server
+  const error = byId("runs-error");
+  try {
+    const response = await fetch("/lab/runs");
+    if (!response.ok) throw new Error(`the server answered ${response.status}`);
+    byId("runs").innerHTML = await response.text(); // rendered and escaped by the server
+    error.textContent = "";
+  } catch (e) {
+    const why = e instanceof TypeError ? "the server cannot be reached" : e.message;
+    error.textContent = `The list of runs could not be refreshed (${why}); reload the page to try again.`;
+  }
 }
 
 function show(job) {
@@ -57,21 +65,33 @@ function show(job) {
     link.id = "job-report";
     state.append(" ", link);
   }
-  if (lastState !== null && RUNNING.has(lastState) && !running) refreshRuns();
+  // The list was rendered with the page: a run that ended since (even before this first look) is out of date.
+  const first = lastState === null;
+  if ((first && job.state !== "idle") || (RUNNING.has(lastState) && !running)) refreshRuns();
   lastState = job.state;
-  if (running && polling === null) polling = setInterval(poll, 500);
-  if (!running && polling !== null) {
-    clearInterval(polling);
-    polling = null;
-  }
+  if (running) schedulePoll(500);
 }
 
+function schedulePoll(ms) {
+  if (pollPending) return;
+  pollPending = true;
+  setTimeout(poll, ms);
+}
+
+// Each poll schedules the next once it has its answer, so a slow answer never overlaps the next question.
 async function poll() {
+  let wait = 500;
   try {
-    show(await api("/api/lab/job"));
+    const job = await api("/api/lab/job");
+    pollPending = false;
+    show(job);
+    return;
   } catch (e) {
     byId("job-error").textContent = e.message;
+    wait = 2000;
   }
+  pollPending = false;
+  if (lastState === null || RUNNING.has(lastState)) schedulePoll(wait);
 }
 
 byId("job-form").addEventListener("submit", async (event) => {
@@ -99,4 +119,5 @@ byId("cancel-job").addEventListener("click", async () => {
   }
 });
 
+pollPending = true;
 poll();

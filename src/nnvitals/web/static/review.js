@@ -32,8 +32,17 @@ function showAnswer() {
   document.querySelector(".grade-3").focus();
 }
 
+// One grade at a time: a double click or a repeated key must not grade the card twice.
+let grading = false;
+
+function setGrading(busy) {
+  grading = busy;
+  for (const button of document.querySelectorAll(".grade")) button.disabled = busy;
+}
+
 async function grade(rating) {
-  if (!current || el("card-answer").hidden) return;
+  if (grading || !current || el("card-answer").hidden) return;
+  setGrading(true);
   el("review-error").textContent = "";
   try {
     const done = await api("/api/review/grade", { method: "POST", body: { card_id: current.id, rating } });
@@ -42,6 +51,8 @@ async function grade(rating) {
     showQueue(done.queue);
   } catch (e) {
     el("review-error").textContent = e.message;
+  } finally {
+    setGrading(false);
   }
 }
 
@@ -54,7 +65,7 @@ document.addEventListener("keydown", (event) => {
   if (event.key === " " && !el("show-answer").hidden) {
     event.preventDefault();
     showAnswer();
-  } else if (["1", "2", "3", "4"].includes(event.key)) {
+  } else if (["1", "2", "3", "4"].includes(event.key) && !event.repeat) {
     grade(Number(event.key));
   }
 });
