@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import re
-from urllib.request import urlopen
+import time
+from urllib.request import Request, urlopen
 
 import pytest
 from pypdf import PdfReader
@@ -19,7 +20,10 @@ try:
 except ImportError:  # the browser fixture then skips these tests, or fails them under CI=true
     expect = None
 
+from nnvitals.study import store
 from nnvitals.study.material import packaged
+
+from .conftest import fake_lab, fake_run, serving
 
 pytestmark = pytest.mark.usefixtures("browser")
 
@@ -153,6 +157,34 @@ def test_a_grade_persists_across_a_reload_and_shows_in_the_cli(page, live_server
     assert first["reviews"] == 1 and first["state"] == "learning"
 
 
+def test_a_double_click_grades_once(page, live_server):
+    before = store.stats(live_server.db).reviews
+    posts = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(live_server.url + "/review")
+    question = page.locator("#card-question").inner_text()
+    page.get_by_role("button", name="Show the answer").click()
+    page.get_by_role("button", name="Good").dblclick()
+    expect(page.locator("#review-last")).to_contain_text("Good on")
+    expect(page.locator("#card-question")).not_to_have_text(question)
+    page.wait_for_timeout(300)  # time for a second grade to arrive, were one sent
+    assert len(posts) == 1
+    assert store.stats(live_server.db).reviews == before + 1
+    expect(page.locator(".grade-3")).to_be_enabled()  # ready for the next card
+
+
+def test_counts_take_thousands_separators_and_a_failed_new_case_says_so(page, live_server):
+    page.goto(live_server.url + "/exercise")
+    baseline = page.locator("#calc-baseline")
+    baseline.locator("input[name=classes]").fill("1,000")
+    baseline.get_by_role("button").click()
+    expect(baseline.locator(".result")).to_contain_text("6.9078 nats")
+    page.route("**/api/exercise/drill*", lambda route: route.abort())
+    page.get_by_role("button", name="New case").click()
+    expect(page.locator("#drill-error")).to_contain_text("No new case: the server cannot be reached")
+    expect(page.locator("#drills .case")).to_have_count(0)
+
+
 def test_a_quick_lab_run_started_from_the_page(page, live_server, screenshot):
     page.goto(live_server.url + "/lab")
     expect(page.locator("#runs")).to_contain_text("No lab runs")
@@ -187,11 +219,71 @@ def test_a_quick_lab_run_started_from_the_page(page, live_server, screenshot):
     report = page.frame_locator("iframe.report")
     expect(report.locator("h1")).to_contain_text("makemore part 3")
     expect(report.locator("h2#naive")).to_be_visible()
-    images = report.locator("img")
-    expect(images.first).to_be_visible()
-    assert images.count() >= 1 + 2 * 3  # the loss curve, and three pictures before training and three after
+    expect(report.locator("img").first).to_be_visible()
     frame = page.frame(url=re.compile(r"report\.html$"))
     assert frame is not None
-    widths = frame.evaluate("[...document.images].map((i) => i.complete ? i.naturalWidth : 0)")
-    assert all(w > 100 for w in widths)  # every picture decoded
+    # The loss curve, and three pictures before training and three after, every one decoded (waited for:
+    # a large report is still arriving when its first picture shows).
+    frame.wait_for_function("document.readyState === 'complete' && document.images.length >= 1 + 2 * 3 "
+                            "&& [...document.images].every((i) => i.complete && i.naturalWidth > 100)")
     screenshot(page, "run")
+
+
+@pytest.fixture(scope="module")
+def fake_lab_server(tmp_path_factory):
+    """The page with a stand-in for the lab that finishes a run when the test puts a file `go` in the runs folder."""
+    root = tmp_path_factory.mktemp("fake-lab")
+    with serving(root, lab_command=fake_lab(root)) as server:
+        yield server
+
+
+def post_json(url, body):
+    request = Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urlopen(request) as answer:
+        return json.loads(answer.read())
+
+
+def job_state(server):
+    return json.loads(urlopen(f"{server.url}/api/lab/job").read())
+
+
+def test_the_list_follows_a_run_that_ends_before_the_page_first_asks(page, fake_lab_server):
+    server = fake_lab_server
+    run_id = post_json(f"{server.url}/api/lab/job", {"stages": ["naive"]})["run_id"]
+    deadline = time.monotonic() + 15
+    while not (server.runs / run_id / "pids").is_file():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.goto(server.url + "/lab")
+    listed = page.locator(f'article.run[data-run-id="{run_id}"]')
+    expect(listed).to_contain_text("Running now")  # not `nnvitals lab --resume` for the page's own run
+    expect(listed).not_to_contain_text("--resume")
+
+    def finish_first(route):  # the run ends after the page is rendered and before its first question
+        (server.runs / "go").touch()
+        while job_state(server)["state"] != "finished":
+            time.sleep(0.05)
+        route.continue_()
+
+    page.route("**/api/lab/job", finish_first)
+    page.reload()
+    expect(page.locator("#job-state")).to_contain_text("Finished")
+    expect(listed.get_by_role("link", name="Open the report")).to_be_visible()
+    expect(listed).not_to_contain_text("Running now")
+    page.unroute("**/api/lab/job")
+
+    page.route("**/lab/runs", lambda route: route.fulfill(status=500, body="broken"))
+    page.get_by_role("button", name="Run quick experiment").click()
+    expect(page.locator("#runs-error")).to_contain_text("could not be refreshed (the server answered 500)")
+
+
+def test_a_form_in_a_report_cannot_use_the_api(page, fake_lab_server):
+    server = fake_lab_server
+    fake_run(server.runs, "injected", report='<form method="post" action="/api/lab/job"><button>Go</button></form>')
+    before = job_state(server)["run_id"]
+    posts = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(server.url + "/lab/runs/injected")
+    page.frame_locator("iframe.report").get_by_role("button", name="Go").click()
+    page.wait_for_timeout(300)
+    assert posts == [] and job_state(server)["run_id"] == before
