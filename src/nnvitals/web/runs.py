@@ -179,7 +179,6 @@ def list_runs(runs_dir: Path, running: str | None = None) -> list[dict[str, Any]
 class _Job:
     run_id: str
     folder: Path
-    stages: tuple[str, ...]
     process: subprocess.Popen[bytes]
     stderr: IO[bytes]
     started: float
@@ -262,9 +261,9 @@ class LabRunner:
             # reaches its worker processes too.
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                        env=env, start_new_session=True)
-            names = tuple(stages or stage_names())
-            rows = {s: {"name": s, "state": "waiting", "step": 0, "steps": None, "loss": None} for s in names}
-            self._job = _Job(run_id, folder, names, process, stderr, time.time(), rows=rows)
+            rows = {s: {"name": s, "state": "waiting", "step": 0, "steps": None, "loss": None}
+                    for s in stages or stage_names()}
+            self._job = _Job(run_id, folder, process, stderr, time.time(), rows=rows)
             return self._status(self._job)
 
     def cancel(self) -> dict[str, Any]:
