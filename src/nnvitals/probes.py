@@ -39,6 +39,10 @@ GRAD_HIST_SIGMAS = 4.0
 MAP_ROWS, MAP_UNITS = 64, 256
 # Above this many buffered output elements, reduce what is buffered before going on (bounds memory).
 FLUSH_ELEMENTS = 1 << 24
+# Layers with at least this many values are reduced one by one, without stacking them (a copy) with others
+# of their shape, and an output that autograd does not protect is reduced as it comes rather than copied:
+# for large tensors the copy costs more than the few ops it saves.
+STACK_LIMIT = 1 << 16
 
 _ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.Tanh: "tanh", nn.Hardtanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "sigmoid",
@@ -231,12 +235,17 @@ def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
 
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
     """Indices of the outputs that can be stacked and reduced together: same kind, same shape."""
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    groups: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
     for i, s in enumerate(specs):
         kind = s.kind if s.kind in BOUNDED or s.kind in RELU_LIKE else "other"
         shape = (s.shape[s.unit_dim], math.prod(s.shape)) if kind != "other" else (math.prod(s.shape),)
-        groups.setdefault((kind, shape), []).append(i)
-    return [(kind, idx) for (kind, _), idx in groups.items()]
+        groups.setdefault((kind, shape, i if math.prod(s.shape) >= STACK_LIMIT else -1), []).append(i)
+    return [(kind, idx) for (kind, _, _), idx in groups.items()]
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(k, ...) from k same-shape tensors: a copy, unless there is only one (then a view)."""
+    return torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
 
 
 def _as_rows(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
@@ -477,11 +486,12 @@ class Recorder:
 
     def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
         self._root_depth -= 1
-        if self._root_depth > 0:
-            return
-        self._exit_watcher()
-        self._stack.clear()
-        if isinstance(out, torch.Tensor) and torch.is_grad_enabled():
+        if self._root_depth == 0:
+            self._exit_watcher()
+            self._stack.clear()
+        # The model's output is that of the first call of the model to return: with nested calls (Lightning
+        # runs `training_step` as the model's forward, which calls the model), the outer one returns a loss.
+        if isinstance(out, torch.Tensor) and torch.is_grad_enabled() and self._output_shape is None:
             self._output_shape = tuple(out.shape)
             producer = self._producers.get(id(out))
             self._output_name = producer[1] if producer is not None and producer[0] is out else None
@@ -583,8 +593,11 @@ class Recorder:
         index = len(self._specs)
         self._specs.append(spec)
         # An activation's output is saved for its own backward, so autograd already forbids changing it
-        # in place; any other output (a Linear's before an in-place ReLU) is copied as it is now.
-        self._outs.append(out.detach() if kind in ACTIVATIONS else out.detach().clone())
+        # in place; any other output (a Linear's before an in-place ReLU) is copied as it is now, or, when
+        # large, reduced right away (below).
+        protected = kind in ACTIVATIONS
+        reduce_now = not protected and out.numel() >= STACK_LIMIT
+        self._outs.append(out.detach() if protected or reduce_now else out.detach().clone())
         self._producers[id(out)] = (out, name, module)
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
@@ -595,7 +608,7 @@ class Recorder:
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(name))
         self._pending += out.numel()
-        if self._pending > FLUSH_ELEMENTS:
+        if reduce_now or self._pending > FLUSH_ELEMENTS:
             self._flush()
 
     # -- reduction ---------------------------------------------------------------------------------
@@ -622,9 +635,9 @@ class Recorder:
         parts: list[torch.Tensor] = []
         for kind, idx in self._plan(specs):
             if kind == "other":
-                x = torch.stack([outs[i].reshape(-1) for i in idx]).float()
+                x = _stacked([outs[i].reshape(-1) for i in idx]).float()
             else:
-                x = torch.stack([_as_rows(outs[i], specs[i].unit_dim) for i in idx]).float()
+                x = _stacked([_as_rows(outs[i], specs[i].unit_dim) for i in idx]).float()
             group_parts, maps = _reduce_group(kind, x)
             parts += group_parts
             if maps is not None:
@@ -636,7 +649,7 @@ class Recorder:
         HIST_BINS + 2 counts in units of each gradient's own std."""
         parts: list[torch.Tensor] = []
         for kind, idx in self._plan(specs):
-            x = torch.stack([grads[i].reshape(-1) for i in idx]).float()
+            x = _stacked([grads[i].reshape(-1) for i in idx]).float()
             n = x.shape[1]
             total, squares = _sums(x)
             parts += [total, squares]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import nnvitals
+from nnvitals import probes
 from nnvitals.examples import EXAMPLES
 
 from . import models as M
@@ -91,8 +92,11 @@ def test_monitor_bad_arguments():
         mon.report()
 
 
-def test_statistics_match_torch_on_the_same_pass():
-    """The batched reductions agree with torch's own mean/std on every layer, gradient and weight."""
+@pytest.mark.parametrize("stack_limit", [probes.STACK_LIMIT, 1], ids=["small-layers-stacked", "one-by-one"])
+def test_statistics_match_torch_on_the_same_pass(stack_limit, monkeypatch):
+    """The batched reductions agree with torch's own mean/std on every layer, gradient and weight, both
+    for layers stacked with their likes and for large ones reduced one by one as they come."""
+    monkeypatch.setattr(probes, "STACK_LIMIT", stack_limit)
     model, x, y = M.healthy_deep_tanh()
     outputs, grads = {}, {}
 
@@ -173,3 +177,27 @@ def test_state_dict_resumes_with_the_same_history_and_findings():
     assert [(f.code, f.where) for f in resumed.findings()] == whole_codes
     with pytest.raises(ValueError):
         nnvitals.Monitor(model, every=5).load_state_dict(state)
+
+
+class _StepAsForward(nn.Module):
+    """What Lightning's DDP strategies do: the training step runs as the module's forward, and calls the
+    module again for the logits."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, y=None):
+        return self.net(x) if y is None else nn.functional.cross_entropy(self(x), y)
+
+
+def test_the_output_is_the_logits_when_the_training_step_is_the_forward():
+    net, x, y = EXAMPLES["makemore-naive"]()
+    model = _StepAsForward(net)
+    with nnvitals.Monitor(model, every=1) as mon:
+        loss = model(x, y)
+        loss.backward()
+        mon.step(loss)
+    report = mon.report()
+    assert report.classes == 27  # judged against ln(27), not taken from the scalar loss
+    assert "start-loss-high" in [f.code for f in report.findings]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import nnvitals
+from nnvitals import probes
 
 from . import models as M
 
@@ -109,9 +110,12 @@ def test_inputs_as_tuple_and_dict_and_custom_loss():
     assert [lay.name for lay in r1.layers] == ["a", "relu()", "b"]
 
 
-def test_in_place_relu_after_a_convolution():
+@pytest.mark.parametrize("stack_limit", [probes.STACK_LIMIT, 1], ids=["copied", "reduced-as-it-comes"])
+def test_in_place_relu_after_a_convolution(stack_limit, monkeypatch):
     """torchvision-style blocks: the conv's output is overwritten by ReLU(inplace=True); its statistics are
-    those of the conv output as it was, and the training step is unchanged."""
+    those of the conv output as it was (copied when small, reduced in the hook when large), and the
+    training step is unchanged."""
+    monkeypatch.setattr(probes, "STACK_LIMIT", stack_limit)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
                           nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
