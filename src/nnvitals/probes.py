@@ -459,6 +459,7 @@ class Recorder:
         self._maps: list[tuple[str, torch.Tensor]] = []  # layer name -> saturation-map cells (device)
         # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad)
         self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
+        self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None]] = {}
         self._names_used: dict[str, int] = {}
         self._mode_events: list[ModeEvent] = []
@@ -568,6 +569,14 @@ class Recorder:
                 out.register_hook(self._grad_flag_hook(name))
                 self._producers.setdefault(id(out), (out, name, module))
 
+    def _grad_reducer(self, index: int) -> Callable[[torch.Tensor], None]:
+        specs = self._specs
+
+        def hook(g: torch.Tensor) -> None:
+            if self._specs is specs:  # still the pass that recorded it
+                self._grad_blocks[index] = self._reduce_grads([specs[index]], [g.detach()])
+        return hook
+
     def _grad_flag_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(g: torch.Tensor) -> None:
             self._grad_flags.append((name, torch.isfinite(g).all()))
@@ -602,8 +611,10 @@ class Recorder:
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
         if out.requires_grad:
-            # retain_grad costs one C++ call (a Python hook per tensor cost several times more)
-            out.retain_grad()
+            if out.numel() >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
+                out.register_hook(self._grad_reducer(index))
+            else:  # retain_grad costs one C++ call, a Python hook several times more
+                out.retain_grad()
             self._grad_sources.append((index, out, out._version))
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(name))
@@ -644,12 +655,18 @@ class Recorder:
                 self._maps.extend(zip([specs[i].name for i in idx], maps, strict=True))
         return torch.cat(parts).double()
 
-    def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
+                      ready: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Per group of same-shape gradients their sums and sums of squares; for activations also
-        HIST_BINS + 2 counts in units of each gradient's own std."""
+        HIST_BINS + 2 counts in units of each gradient's own std. `ready`: blocks of large gradients
+        (groups of one) already reduced, as they arrived in the backward pass."""
         parts: list[torch.Tensor] = []
         for kind, idx in self._plan(specs):
-            x = _stacked([grads[i].reshape(-1) for i in idx]).float()
+            block = ready[idx[0]] if ready is not None else None
+            if block is not None:
+                parts.append(block)
+                continue
+            x = _stacked([g.reshape(-1) for g in (grads[i] for i in idx) if g is not None]).float()
             n = x.shape[1]
             total, squares = _sums(x)
             parts += [total, squares]
@@ -701,12 +718,16 @@ class Recorder:
         parts = list(self._partials)
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
-        grads = {i: t.grad for i, t, version in self._grad_sources if t.grad is not None and t._version == version}
-        for _, t, _ in self._grad_sources:
+        unchanged = {i for i, t, version in self._grad_sources if t._version == version}
+        retained = [(i, t) for i, t, _ in self._grad_sources if t.retains_grad]
+        grads = {i: t.grad for i, t in retained if t.grad is not None and i in unchanged}
+        for _, t in retained:
             t.grad = None
-        grad_index = sorted(grads)
+        ready = {i: block for i, block in self._grad_blocks.items() if i in unchanged}
+        grad_index = sorted(grads.keys() | ready.keys())
         if grad_index:
-            parts.append(self._reduce_grads([self._specs[i] for i in grad_index], [grads[i] for i in grad_index]))
+            parts.append(self._reduce_grads([self._specs[i] for i in grad_index],
+                                            [grads.get(i) for i in grad_index], [ready.get(i) for i in grad_index]))
         world = world_size()
         if world > 1 and parts:
             # Under torch.distributed every rank measured its own share of the batch. Sums, sums of squares,
