@@ -4,9 +4,11 @@ A `Recorder` attaches forward hooks to the layers worth watching (linear, normal
 activation modules) and, through a `TorchFunctionMode`, to activations called as functions inside a
 `forward` (`torch.tanh(x)`, `F.relu(x)`). A hook only keeps the layer's output (a copy, unless autograd
 already forbids changing it in place) and, in backward, the gradient arriving at it. `collect()` then
-stacks the outputs of the same kind and shape and reduces each stack in a few ops (moments, saturation,
-dead units, histograms), so the cost hardly grows with depth, and moves everything to the host in one
-transfer. Reading those numbers into `PassStats` waits until somebody asks (`RawPass.stats()`).
+stacks the small outputs of the same kind and shape and reduces each stack in a few ops (moments,
+saturation, dead units, histograms), so the cost hardly grows with depth, and moves everything to the
+host in one transfer; large layers (STACK_LIMIT values and more) are reduced one by one, as they come,
+since for them a copy costs more than an op. Reading those numbers into `PassStats` waits until
+somebody asks (`RawPass.stats()`).
 """
 
 from __future__ import annotations
@@ -457,7 +459,8 @@ class Recorder:
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunk_layouts: list[list[_Spec]] = []
         self._maps: list[tuple[str, torch.Tensor]] = []  # layer name -> saturation-map cells (device)
-        # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad)
+        # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad) or,
+        # for large ones, a hook reduces as it arrives (into _grad_blocks)
         self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
         self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None]] = {}
@@ -691,8 +694,8 @@ class Recorder:
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
         """For the weights (2-D and more): the sums and sums of squares of the weights, their gradients
-        and their updates. For the other parameters (biases, gains): their norms and their gradients',
-        which only tell whether they are finite."""
+        and their updates. For the other parameters (biases, gains): their sums of squares and their
+        gradients', which only tell whether they are finite."""
         index = self._weights()
         weights = set(index)
         others = [i for i in range(len(ps)) if i not in weights]
