@@ -102,3 +102,23 @@ def test_samples_by_optimizer_step_when_accumulating(tmp_path):
     trainer = fit(Classifier(model), callback, tmp_path, accumulate_grad_batches=2)  # 10 batches, 5 steps
     assert trainer.global_step == 5 and callback.monitor.steps == 5
     assert [row["step"] for row in callback.monitor.history] == [0, 2, 4]
+
+
+def test_under_lightning_ddp_rank_zero_logs_the_findings(tmp_path):
+    """Two CPU processes (ddp_spawn, gloo): Lightning runs training_step as the module's forward, and the
+    starting loss is still judged against ln(V); rank zero's logger gets the findings."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                         logger=CSVLogger(tmp_path, name="csv"), callbacks=[NNVitalsCallback(every=2)],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(model), loader())
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
+    last = rows[-1]
+    assert last["step"] == "5"  # 320 examples, 32 a batch on each of 2 processes
+    assert float(last["nnvitals/start-loss-high"]) == 1 and float(last["nnvitals/saturated-activations"]) == 1
+    assert float(last["nnvitals/errors"]) >= 2
