@@ -183,3 +183,25 @@ def test_a_drill_poses_fresh_cases_and_checks_them_the_same_way(terminal):
     assert right == asked >= 4
     assert "not within" not in re.sub(r"\s+", " ", child.before or "")
     _finish(child)
+
+
+def test_ctrl_c_in_practice_and_exercise_sums_up_and_exits_130(terminal):
+    child = terminal("practice")
+    child.expect_exact("Your attempt (Enter shows the answer): ")
+    child.sendline("")
+    child.expect_exact("How did it go?")
+    child.send("3")
+    child.expect_exact("Question 2 of 5")
+    child.sendintr()
+    child.expect_exact("1 of 5 rated: 0 knew it · 0 partly · 1 not yet")
+    _finish(child)
+    assert child.exitstatus == 130
+
+    child = terminal("exercise")
+    child.expect_exact("Uniform baseline ln(27), in nats (±0.01): ")
+    child.sendline("3.30")
+    child.expect_exact("right: 3.2958")
+    child.sendintr()
+    child.expect_exact("1 of 1 figures within tolerance.")
+    _finish(child)
+    assert child.exitstatus == 130

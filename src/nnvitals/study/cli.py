@@ -35,6 +35,25 @@ def _lesson() -> Lesson:
         raise click.UsageError(str(e)) from None
 
 
+class _Session:
+    """A study session that ends quietly at the end of input (Ctrl-D) and, on Ctrl-C, after a line break,
+    remembering to exit with INTERRUPTED; the caller then sums up what was done either way."""
+
+    def __init__(self, term: _Term) -> None:
+        self.term = term
+        self.code = 0
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if kind is KeyboardInterrupt:
+            self.term.say()
+            self.code = INTERRUPTED
+            return True
+        return kind is EOFError
+
+
 class _Term:
     """Prompts and output for one session: keypresses in a terminal, lines when piped."""
 
@@ -171,8 +190,7 @@ def practice() -> int:
     term.say(f"Practice: {lesson.title}", "bold")
     term.say(lesson.practice_intro)
     done: list[tuple[int, str, str]] = []  # (question number, attempt, self-rating)
-    code = 0
-    try:
+    with _Session(term) as session:
         for number, q in enumerate(lesson.questions, 1):
             term.rule(f"Question {number} of {len(lesson.questions)}")
             term.say(q.prompt, "bold")
@@ -186,16 +204,11 @@ def practice() -> int:
             if choice == "q":
                 break
             done.append((number, attempt, _SELF_RATINGS[choice]))
-    except EOFError:
-        pass
-    except KeyboardInterrupt:
-        term.say()
-        code = INTERRUPTED
 
     term.rule("Summary")
     if not done:
         term.say("No question rated this time. Run `nnvitals study practice` to start again.")
-        return code
+        return session.code
     tally = Counter(rating for _, _, rating in done)
     term.say(f"{len(done)} of {len(lesson.questions)} rated: " + " · ".join(
         f"{tally[r]} {r}" for r in ("knew it", "partly", "not yet")))
@@ -209,7 +222,7 @@ def practice() -> int:
                  "(`nnvitals study review`) bring these facts back on a schedule.")
     else:
         term.say("All known. Next: `nnvitals study exercise` puts the numbers to work.")
-    return code
+    return session.code
 
 
 # --- exercise ------------------------------------------------------------------------------------
@@ -243,8 +256,7 @@ def exercise(drill: int | None) -> int:
     term.say(f"Exercise: diagnose from the numbers{drilling}", "bold")
     term.say(lesson.exercise_intro if drill is None else lesson.drill_intro)
     right = asked = 0
-    code = 0
-    try:
+    with _Session(term) as session:
         for number, case in enumerate(cases, 1):
             problem = exercises.pose(case)
             term.rule(f"Case {number} of {len(cases)}")
@@ -264,17 +276,12 @@ def exercise(drill: int | None) -> int:
             for i, line in enumerate(problem.solution, 1):
                 term.say(f"{i}. {line}", indent=2)
             term.say(f"Verdict: {problem.verdict}", "bold")
-    except EOFError:
-        pass
-    except KeyboardInterrupt:
-        term.say()
-        code = INTERRUPTED
     term.rule("Summary")
     term.say(f"{right} of {asked} figures within tolerance.")
     if asked and drill is None:
         term.say(lesson.exercise_closing)
     term.say("More practice: `nnvitals study exercise --drill 5`.")
-    return code
+    return session.code
 
 
 # --- review --------------------------------------------------------------------------------------
@@ -323,49 +330,44 @@ def review(db: Path | None, cram: bool) -> int:
     except store.StoreError as e:
         raise click.UsageError(str(e)) from None
     graded: list[store.Review] = []
-    code = 0
     with closing(conn):
-        try:
-            due, new = store.due_cards(conn, ids), store.new_cards(conn, ids)
-            term.say(f"Review: {len(due)} due, {len(new)} new, {len(ids)} cards in all", "bold")
-            queue = list(ids) if cram else due + new
-            if cram:
-                term.say(f"Cram: all {len(ids)} cards regardless of schedule; grades are recorded as usual.")
-            if not queue:
-                _nothing_due(term, conn, ids)
-                return 0
-            term.say("Enter shows the answer · 1 Again · 2 Hard · 3 Good · 4 Easy · u undo · q quit", "dim")
-            while queue:
-                card = lesson.card(queue[0])
-                schedule = store.schedules(conn, [card.id])[0]
-                after = len(queue) - 1
-                term.rule(f"Card {len(graded) + 1} · {card.id} · {schedule.state} · {after} more after it")
-                term.say(card.question, "bold")
-                choice = term.key("Enter shows the answer (u undo, q quit):", _REVEAL_KEYS)
-                if choice == "\n":
-                    term.say(card.answer, indent=2)
-                    choice = term.key(GRADE_PROMPT, _GRADE_KEYS)
-                if choice == "q":
-                    break
-                if choice == "u":
-                    _undo(term, conn, graded, queue)
-                    continue
-                done = store.grade(conn, card.id, int(choice))
-                graded.append(done)
-                queue.pop(0)
-                term.say(f"{done.rating_name}: back {_when(done.due, done.reviewed_at)}", "dim", indent=2)
-                if not queue and not cram:
-                    # learning steps are minutes long: a card graded early in the session may be due again
-                    queue = store.due_cards(conn, ids)
-        except EOFError:
-            pass
-        except KeyboardInterrupt:
-            term.say()
-            code = INTERRUPTED
-        except store.StoreError as e:
-            raise click.UsageError(f"{e} ({len(graded)} grades of this session were saved)") from None
+        with _Session(term) as session:
+            try:
+                due, new = store.due_cards(conn, ids), store.new_cards(conn, ids)
+                term.say(f"Review: {len(due)} due, {len(new)} new, {len(ids)} cards in all", "bold")
+                queue = list(ids) if cram else due + new
+                if cram:
+                    term.say(f"Cram: all {len(ids)} cards regardless of schedule; grades are recorded as usual.")
+                if not queue:
+                    _nothing_due(term, conn, ids)
+                    return 0
+                term.say("Enter shows the answer · 1 Again · 2 Hard · 3 Good · 4 Easy · u undo · q quit", "dim")
+                while queue:
+                    card = lesson.card(queue[0])
+                    schedule = store.schedules(conn, [card.id])[0]
+                    after = len(queue) - 1
+                    term.rule(f"Card {len(graded) + 1} · {card.id} · {schedule.state} · {after} more after it")
+                    term.say(card.question, "bold")
+                    choice = term.key("Enter shows the answer (u undo, q quit):", _REVEAL_KEYS)
+                    if choice == "\n":
+                        term.say(card.answer, indent=2)
+                        choice = term.key(GRADE_PROMPT, _GRADE_KEYS)
+                    if choice == "q":
+                        break
+                    if choice == "u":
+                        _undo(term, conn, graded, queue)
+                        continue
+                    done = store.grade(conn, card.id, int(choice))
+                    graded.append(done)
+                    queue.pop(0)
+                    term.say(f"{done.rating_name}: back {_when(done.due, done.reviewed_at)}", "dim", indent=2)
+                    if not queue and not cram:
+                        # learning steps are minutes long: a card graded early in the session may be due again
+                        queue = store.due_cards(conn, ids)
+            except store.StoreError as e:
+                raise click.UsageError(f"{e} ({len(graded)} grades of this session were saved)") from None
         _review_summary(term, conn, ids, graded)
-    return code
+    return session.code
 
 
 def _undo(term: _Term, conn: sqlite3.Connection, graded: list[store.Review], queue: list[str]) -> None:
