@@ -11,16 +11,16 @@ from nnvitals.examples import EXAMPLES
 from . import models as M
 
 
-def train(make, steps, monitor_every=None, lr=0.1, loss_arg=True):
+def setup(make, lr=0.1):
+    """A model, its optimizer, and the same 512 examples and batch draws every time."""
     model, _, _ = make()
     g = torch.Generator().manual_seed(3)
     data = torch.randint(0, 27, (512, 3), generator=g)
     targets = torch.randint(0, 27, (512,), generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    torch.manual_seed(5)
-    mon = nnvitals.Monitor(model, every=monitor_every) if monitor_every else None
-    if mon:
-        mon.__enter__()
+    return model, torch.optim.SGD(model.parameters(), lr=lr), g, data, targets
+
+
+def run(steps, model, opt, g, data, targets, mon=None, loss_arg=True):
     for _ in range(steps):
         ix = torch.randint(0, 512, (32,), generator=g)
         loss = nn.functional.cross_entropy(model(data[ix]), targets[ix])
@@ -29,6 +29,15 @@ def train(make, steps, monitor_every=None, lr=0.1, loss_arg=True):
         opt.step()
         if mon:
             mon.step(loss if loss_arg else None)
+
+
+def train(make, steps, monitor_every=None, lr=0.1, loss_arg=True):
+    model, opt, g, data, targets = setup(make, lr)
+    torch.manual_seed(5)
+    mon = nnvitals.Monitor(model, every=monitor_every) if monitor_every else None
+    if mon:
+        mon.__enter__()
+    run(steps, model, opt, g, data, targets, mon, loss_arg)
     if mon:
         mon.__exit__(None, None, None)
     return model, mon
@@ -144,34 +153,18 @@ def test_update_ratio_is_the_measured_update():
 def test_state_dict_resumes_with_the_same_history_and_findings():
     import json
 
-    def run(steps, model, opt, mon, g, data, targets):
-        for _ in range(steps):
-            ix = torch.randint(0, 512, (32,), generator=g)
-            loss = nn.functional.cross_entropy(model(data[ix]), targets[ix])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            mon.step(loss)
-
-    def fresh():
-        model, _, _ = EXAMPLES["makemore-naive"]()
-        g = torch.Generator().manual_seed(3)
-        data = torch.randint(0, 27, (512, 3), generator=g)
-        targets = torch.randint(0, 27, (512,), generator=g)
-        return model, torch.optim.SGD(model.parameters(), lr=0.1), g, data, targets
-
-    model, opt, g, data, targets = fresh()
+    model, opt, g, data, targets = setup(EXAMPLES["makemore-naive"])
     with nnvitals.Monitor(model, every=4) as mon:
-        run(30, model, opt, mon, g, data, targets)
+        run(30, model, opt, g, data, targets, mon)
     whole_history, whole_codes = mon.history, [(f.code, f.where) for f in mon.findings()]
 
-    model, opt, g, data, targets = fresh()
+    model, opt, g, data, targets = setup(EXAMPLES["makemore-naive"])
     with nnvitals.Monitor(model, every=4) as mon:
-        run(13, model, opt, mon, g, data, targets)
+        run(13, model, opt, g, data, targets, mon)
     state = json.loads(json.dumps(mon.state_dict()))  # plain data survives a checkpoint
     with nnvitals.Monitor(model, every=4) as resumed:
         resumed.load_state_dict(state)
-        run(17, model, opt, resumed, g, data, targets)
+        run(17, model, opt, g, data, targets, resumed)
     assert [r["step"] for r in resumed.history] == [r["step"] for r in whole_history]
     assert resumed.history == whole_history
     assert [(f.code, f.where) for f in resumed.findings()] == whole_codes
