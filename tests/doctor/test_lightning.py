@@ -37,13 +37,14 @@ def loader(n=320, vocab=27, context=3):
     return DataLoader(TensorDataset(x, y), batch_size=32)
 
 
-def fit(module, callback, tmp_path, loggers=False, **kw):
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=loggers, callbacks=[callback],
+def fit(module, callback, tmp_path, loggers=False, ckpt_path=None, **kw):
+    kw.setdefault("max_epochs", 1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=loggers, callbacks=[callback],
                          enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, **kw)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers|Found \d+ module).*")
-        trainer.fit(module, loader())
+        trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -102,6 +103,86 @@ def test_samples_by_optimizer_step_when_accumulating(tmp_path):
     trainer = fit(Classifier(model), callback, tmp_path, accumulate_grad_batches=2)  # 10 batches, 5 steps
     assert trainer.global_step == 5 and callback.monitor.steps == 5
     assert [row["step"] for row in callback.monitor.history] == [0, 2, 4]
+    # the loss is taken back from Lightning's division by 2: no start-loss-low; one micro-batch is recorded
+    assert callback.findings == []
+    assert not [name for row in callback.monitor.history for name in row["layers"] if "#" in name]
+
+
+class TwoOptimizers(Classifier):
+    """Manual optimization with two optimizers: the global step advances by two a batch."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        return loss
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        return torch.optim.SGD(params[:1], lr=0.1), torch.optim.SGD(params[1:], lr=0.1)
+
+
+def test_several_optimizers_one_sample_per_batch(tmp_path):
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    callback = NNVitalsCallback(every=3)
+    trainer = fit(TwoOptimizers(model), callback, tmp_path)  # 10 batches, 20 optimizer steps
+    assert trainer.global_step == 20
+    history = callback.monitor.history
+    assert [row["step"] for row in history] == [0, 3, 6, 9, 12, 15, 18]  # batches covering [0,2), [2,4), ...
+    assert all(row["layers"] for row in history)
+    assert "saturated-activations" in [f.code for f in callback.findings]
+
+
+def test_resuming_with_another_every_starts_afresh(tmp_path):
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    module = Classifier(model)
+    first = fit(module, NNVitalsCallback(every=3), tmp_path)
+    first.save_checkpoint(tmp_path / "run.ckpt")
+    callback = NNVitalsCallback(every=4)
+    with pytest.warns(UserWarning, match="every 3 steps, this one every 4.*fresh"):
+        fit(module, callback, tmp_path, max_epochs=2, ckpt_path=tmp_path / "run.ckpt")
+    assert [row["step"] for row in callback.monitor.history] == [12, 16]
+
+
+class CallsTheNet(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)  # not self(x): the module's own hooks never fire
+
+
+def test_warns_when_training_step_does_not_call_the_module(tmp_path):
+    model, _, _ = EXAMPLES["makemore-fixed"]()
+    with pytest.warns(UserWarning, match=r"did not call the module itself \(self\(x\)\)") as caught:
+        fit(CallsTheNet(model), NNVitalsCallback(every=3), tmp_path)
+    assert sum("did not call the module" in str(w.message) for w in caught) == 1
+
+
+def test_calling_the_module_gives_no_such_warning(tmp_path):
+    model, _, _ = EXAMPLES["makemore-fixed"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Classifier(model), NNVitalsCallback(every=3), tmp_path)
+    assert not [w for w in caught if "did not call the module" in str(w.message)]
+
+
+def test_findings_text_written_once_at_the_global_step(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    fit(Classifier(model), NNVitalsCallback(every=3), tmp_path, loggers=[tb])
+    acc = event_accumulator.EventAccumulator(tb.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("nnvitals/findings/text_summary")] == [10]
 
 
 def test_under_lightning_ddp_rank_zero_logs_the_findings(tmp_path):
@@ -122,3 +203,15 @@ def test_under_lightning_ddp_rank_zero_logs_the_findings(tmp_path):
     assert last["step"] == "5"  # 320 examples, 32 a batch on each of 2 processes
     assert float(last["nnvitals/start-loss-high"]) == 1 and float(last["nnvitals/saturated-activations"]) == 1
     assert float(last["nnvitals/errors"]) >= 2
+
+
+def test_plots_under_lightning_ddp(tmp_path):
+    """trainer.log_dir broadcasts: every rank must ask for it, not only rank zero (gloo would fail)."""
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         callbacks=[NNVitalsCallback(every=2, plots=True)], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(model), loader())
+    assert len(list((tmp_path / "nnvitals").glob("*.png"))) >= 3

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -51,9 +52,12 @@ class NNVitalsCallback(pl.Callback):
         self.monitor: Monitor | None = None
         self.start_findings: list[Finding] = []
         self.logged: list[Finding] = []  # what was last handed to the loggers
-        self._seen = 0  # global steps passed to the Monitor
+        self._seen = 0  # the trainer's global step when the Monitor last stepped
+        self._per_batch = 1  # optimizer steps per batch (more under manual optimization with several optimizers)
         self._state: dict[str, Any] | None = None  # from a checkpoint, until training starts
         self._writer: Any = None
+        self._logged_step: int | None = None
+        self._output_checked = False
 
     # -- the run -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -62,34 +66,84 @@ class NNVitalsCallback(pl.Callback):
             rank_zero_warn(f"nnvitals {f.code}: {f.message} Fix: {f.fix}", category=UserWarning)
         self._writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None) \
             if self.tensorboard and trainer.is_global_zero else None
-        self.monitor = Monitor(pl_module, every=self.every, tensorboard=self._writer)
+        # the Monitor writes its scalars and histograms there; the findings text is the callback's (_log)
+        writer = _WithoutText(self._writer) if self._writer is not None else None
+        self.monitor = Monitor(pl_module, every=self.every, tensorboard=writer)
         if self._state is not None:
-            self.monitor.load_state_dict(self._state)
+            try:
+                self.monitor.load_state_dict(self._state)
+            except ValueError as e:
+                rank_zero_warn(f"nnvitals: not resuming the checkpoint's Monitor ({e}); starting a fresh one",
+                               category=UserWarning)
+                self.monitor = Monitor(pl_module, every=self.every, tensorboard=writer)
             self._state = None
         self.monitor.steps = self._seen = trainer.global_step
+        self._logged_step = None
+        self._output_checked = False
         self.monitor.__enter__()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Under gradient accumulation only the micro-batch that completes the optimizer step is recorded.
+        # The Monitor armed itself (hooks, parameters before the step) when it last stepped; the hooks
+        # come off for the other micro-batches. Detaching keeps nothing recorded and changes no state.
+        monitor = self.monitor
+        if monitor is None or not monitor.sampled(monitor.steps) or not pl_module.automatic_optimization:
+            return
+        recorder = monitor._recorder
+        if _completes_step(trainer, batch_idx):
+            recorder.attach()
+        else:
+            recorder.detach()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.monitor is None:
+        monitor = self.monitor
+        advanced = trainer.global_step - self._seen
+        if monitor is None or advanced <= 0:  # no optimizer step (accumulating)
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        while self._seen < trainer.global_step:  # an optimizer step happened (none while accumulating)
-            self.monitor.step(loss)
-            self._seen += 1
+        if pl_module.automatic_optimization and isinstance(loss, torch.Tensor | float) \
+                and trainer.accumulate_grad_batches > 1:
+            loss = loss * trainer.accumulate_grad_batches  # Lightning divided it by the accumulation
+        recorded = monitor.sampled(monitor.steps)
+        monitor.step(loss)  # once per batch, whatever the number of optimizer steps in it
+        self._seen, self._per_batch = trainer.global_step, advanced
+        # The next batch covers the global steps [seen, seen + per_batch): sampled when a multiple of `every`
+        # lies among them, recorded under that step.
+        multiple = -(-self._seen // self.every) * self.every
+        label = multiple if multiple < self._seen + self._per_batch else self._seen
+        if monitor.steps != label:  # several optimizer steps a batch (manual optimization)
+            monitor.steps = label
+            monitor._arm()  # hooks on (and the parameters before the step kept) when that step is sampled
+        if recorded and not self._output_checked:
+            self._output_checked = True
+            self._check_output_seen(loss)
+
+    def _check_output_seen(self, loss: Any) -> None:
+        """Warn once when the Monitor never saw the module's output: training_step did not call `self(x)`."""
+        if loss is None or self.monitor is None:
+            return
+        try:
+            report = self.monitor.report()
+        except RuntimeError:  # nothing recorded
+            return
+        if report.stats.output_shape is None:
+            rank_zero_warn(NOT_CALLED, category=UserWarning)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, text_to_monitor_writer=True)
+        self._log(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None:
             return
-        self._log(trainer, text_to_monitor_writer=False)  # the Monitor writes its own when it closes
+        self._log(trainer)
         self.monitor.close()
-        if self.plots and trainer.is_global_zero and self._has_samples():
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "nnvitals" if self.plots is True \
-                else Path(self.plots)
-            _log_pictures(trainer, self.monitor.save_plots(folder))
+        if self.plots:
+            # trainer.log_dir broadcasts from rank zero: every rank asks, or the others would wait forever
+            folder = Path(trainer.log_dir or ".") / "nnvitals" if self.plots is True else Path(self.plots)
+            if trainer.is_global_zero and self._has_samples():
+                _log_pictures(trainer, self.monitor.save_plots(folder))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.monitor is not None:
@@ -106,11 +160,13 @@ class NNVitalsCallback(pl.Callback):
     def _has_samples(self) -> bool:
         return self.monitor is not None and bool(self.monitor.history)
 
-    def _log(self, trainer: pl.Trainer, text_to_monitor_writer: bool) -> None:
-        if not trainer.is_global_zero or not trainer.loggers:
-            return
-        findings = self.logged = self.findings
+    def _log(self, trainer: pl.Trainer) -> None:
+        """Metrics and the findings text, once per global step (the end of fitting follows the last epoch's)."""
         step = trainer.global_step
+        if not trainer.is_global_zero or not trainer.loggers or self._logged_step == step:
+            return
+        self._logged_step = step
+        findings = self.logged = self.findings
         metrics: dict[str, float] = {f"nnvitals/{code}": 0.0 for code in CODES}
         for f in findings:
             metrics[f"nnvitals/{f.code}"] += 1
@@ -119,8 +175,7 @@ class NNVitalsCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, TensorBoardLogger):
-                if text_to_monitor_writer or logger.experiment is not self._writer:
-                    tensorboard_output.write_findings(logger.experiment, step, findings)
+                tensorboard_output.write_findings(logger.experiment, step, findings)
             elif callable(log_text := getattr(logger, "log_text", None)):
                 log_text(key="nnvitals/findings", columns=["severity", "code", "where", "finding", "fix"],
                                 data=[[f.severity, f.code, f.where, f.message, f.fix] for f in findings], step=step)
@@ -134,6 +189,29 @@ class NNVitalsCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state = state_dict.get("monitor")
+
+
+NOT_CALLED = ("nnvitals: training_step did not call the module itself (self(x)): activations called as functions "
+              "and the starting loss are not checked")
+
+
+def _completes_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether this micro-batch ends with an optimizer step (automatic optimization)."""
+    k = trainer.accumulate_grad_batches
+    return k <= 1 or (batch_idx + 1) % k == 0 or batch_idx + 1 >= trainer.num_training_batches
+
+
+class _WithoutText:
+    """A SummaryWriter for the Monitor without its findings text: the callback writes that, at the global step."""
+
+    def __init__(self, writer: Any):
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def add_text(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def eval_mode_findings(model: nn.Module) -> list[Finding]:
