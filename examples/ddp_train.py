@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnvitals
+from nnvitals.doctor import _strict
 from nnvitals.lab import data
 
 EMBED, WIDTH, DEPTH = 10, 100, 6
@@ -43,6 +45,26 @@ def deep_mlp(vocab: int, context: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def refusal(args: argparse.Namespace, cuda: bool, local_rank: int) -> str | None:
+    """Why the arguments or the environment cannot run, or None."""
+    if args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.every < 1:
+        return f"--every must be at least 1, got {args.every}"
+    if args.batch < 2:
+        return f"--batch must be at least 2 (BatchNorm needs two examples), got {args.batch}"
+    if not args.lr > 0:
+        return f"--lr must be positive, got {args.lr}"
+    if args.sync_batchnorm and not cuda:
+        return "--sync-batchnorm needs GPUs: torch runs SyncBatchNorm only on CUDA devices"
+    if "RANK" not in os.environ:
+        return "run it under torchrun: torchrun --standalone --nproc_per_node=2 examples/ddp_train.py"
+    if cuda and local_rank >= torch.cuda.device_count():
+        return (f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                "start at most that many processes (--nproc_per_node)")
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -54,9 +76,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
-    if args.sync_batchnorm and not cuda:
-        ap.error("--sync-batchnorm needs GPUs: torch runs SyncBatchNorm only on CUDA devices")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    problem = refusal(args, cuda, local_rank)
+    if problem:  # before any process group: every process stops, one says why
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{ap.prog}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
@@ -91,7 +116,7 @@ def main() -> None:
 
     findings = mon.findings()  # the same on every rank: the statistics were combined across them
     if args.json:
-        say(json.dumps([f.to_dict() for f in findings]))
+        say(json.dumps(_strict([f.to_dict() for f in findings])))  # strict JSON: NaN becomes "nan"
     elif not findings:
         say("no findings: the numbers look healthy")
     for f in findings if not args.json else []:
