@@ -85,6 +85,7 @@ class CharLM(nn.Module):
 
 
 def mlp_task(device: str) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Generator], Any]]:
+    torch.manual_seed(0)  # every configuration's MLP starts from the same weights
     model = nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm=True)).to(device)
     x, y = (t.to(device) for t in data())
 
@@ -242,7 +243,7 @@ def configurations(with_peers: bool, everies: list[int]) -> list[tuple[str, str,
     return rows
 
 
-def interleaved(runs: dict[str, Run], steps: int, rounds: int) -> dict[str, dict[str, float]]:
+def interleaved(runs: dict[str, Run], steps: int, rounds: int) -> dict[str, dict[str, Any]]:
     for run in runs.values():  # untimed: imports, caches, the first sampled step
         run(steps)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -274,13 +275,30 @@ def ddp_worker(rank: int, init_file: str, out: str, device: str, steps: int, rou
     dist.destroy_process_group()
 
 
-def ddp(device: str, steps: int, rounds: int) -> dict[str, dict[str, float]]:
+def ddp(device: str, steps: int, rounds: int) -> dict[str, dict[str, Any]]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         mp.spawn(ddp_worker, args=(os.path.join(tmp, "init"), out, device, steps, rounds), nprocs=2, join=True)
         return json.loads(Path(out).read_text())
+
+
+def refusal(args: argparse.Namespace) -> str | None:
+    """Why these arguments cannot give a fair comparison, or None."""
+    if args.rounds < 1:
+        return f"--rounds must be at least 1, got {args.rounds}"
+    # each configuration must sample the same number of steps in every round: steps a multiple of the largest every
+    # (on a GPU the transformer runs --mlp-steps with every up to 100; on the CPU --lm-steps, every up to 10)
+    mlp_used = {"mlp", "ddp"} & set(args.models) or (args.device == "cuda" and "transformer" in args.models)
+    if mlp_used and (args.mlp_steps < 100 or args.mlp_steps % 100):
+        return f"--mlp-steps must be a positive multiple of 100 (the largest every), got {args.mlp_steps}"
+    if args.device == "cpu" and "transformer" in args.models and (args.lm_steps < 10 or args.lm_steps % 10):
+        return f"--lm-steps must be a positive multiple of 10 (the largest every), got {args.lm_steps}"
+    if args.device == "cuda" and "ddp" in args.models and torch.cuda.device_count() < 2:
+        return (f"--models ddp on --device cuda needs two GPUs, this machine has {torch.cuda.device_count()}; "
+                "leave ddp out or run it on the CPU")
+    return None
 
 
 def main() -> int:
@@ -297,14 +315,14 @@ def main() -> int:
         print("error: --device cuda needs a CUDA GPU, and torch.cuda.is_available() is False on this machine; "
               "run without --device (the CPU) or on a machine with a GPU", file=sys.stderr)
         return 2
+    if problem := refusal(args):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     clock = Clock("cuda" if args.device == "cuda" else "cpu")
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     for model in args.models:
         if model == "ddp":
-            if args.device == "cuda" and torch.cuda.device_count() < 2:
-                print("note: DDP on CUDA needs two GPUs; skipped", file=sys.stderr)
-                continue
             results["ddp (2 processes, deep MLP)"] = ddp(args.device, args.mlp_steps, args.rounds)
             continue
         # every=100 needs rounds of 100+ steps; a transformer round that long takes minutes on a CPU

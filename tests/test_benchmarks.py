@@ -1,0 +1,56 @@
+"""benchmarks/peers.py refuses arguments that cannot give a fair comparison: an error line and status 2."""
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "peers.py"
+
+
+def peers_module():
+    spec = importlib.util.spec_from_file_location("peers", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--models", "mlp", "--mlp-steps", "150"], "--mlp-steps must be a positive multiple of 100"),
+    (["--models", "ddp", "--mlp-steps", "0"], "--mlp-steps must be a positive multiple of 100"),
+    (["--models", "transformer", "--lm-steps", "15"], "--lm-steps must be a positive multiple of 10"),
+])
+def test_arguments_refused(args, says, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["peers.py", *args])
+    assert peers_module().main() == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {says}") and out == ""
+
+
+def test_refused_from_the_command_line():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == "error: --rounds must be at least 1, got 0\n"
+
+
+def test_ddp_on_cuda_needs_two_gpus(monkeypatch):
+    peers = peers_module()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = argparse.Namespace(rounds=1, models=["ddp"], mlp_steps=300, lm_steps=20, device="cuda")
+    assert "needs two GPUs, this machine has 1" in peers.refusal(args)
+    args.models = ["mlp"]
+    assert peers.refusal(args) is None
+
+
+def test_mlp_starts_from_the_same_weights_every_time():
+    peers = peers_module()
+    first, _, _ = peers.mlp_task("cpu")
+    torch.randn(100)  # whatever ran in between
+    second, _, _ = peers.mlp_task("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
+                                                   strict=True))
