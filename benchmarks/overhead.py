@@ -19,7 +19,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -109,7 +109,7 @@ class CockpitTrainer:
         return (time.process_time() - start) / steps
 
 
-def measure(configs: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, float]]:
+def measure(configs: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, fn in configs.items():

@@ -310,6 +310,23 @@ class Monitor:
             self._recorder.detach()
             self._before = None
 
+    def pause(self) -> None:
+        """Record nothing until `resume()` (e.g. the micro-batches of gradient accumulation that do not end
+        an optimizer step); the weights kept for the next update ratio stay as they are."""
+        self._recorder.detach()
+
+    def resume(self) -> None:
+        """Record again, if the current step is a sampled one."""
+        if self._entered and self.sampled(self.steps):
+            self._recorder.attach()
+
+    def seek(self, step: int) -> None:
+        """Count the next optimizer step as `step` (a trainer that takes several optimizer steps a batch)."""
+        if step != self.steps:
+            self.steps = step
+            if self._entered:
+                self._arm()
+
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Call once after each optimizer step. On sampled steps this reads the statistics (one transfer)."""
         if not self._entered:

@@ -85,16 +85,15 @@ class NNVitalsCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         # Under gradient accumulation only the micro-batch that completes the optimizer step is recorded.
-        # The Monitor armed itself (hooks, parameters before the step) when it last stepped; the hooks
-        # come off for the other micro-batches. Detaching keeps nothing recorded and changes no state.
+        # The Monitor armed itself (hooks, parameters before the step) when it last stepped; it pauses for
+        # the other micro-batches.
         monitor = self.monitor
         if monitor is None or not monitor.sampled(monitor.steps) or not pl_module.automatic_optimization:
             return
-        recorder = monitor._recorder
         if _completes_step(trainer, batch_idx):
-            recorder.attach()
+            monitor.resume()
         else:
-            recorder.detach()
+            monitor.pause()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -113,9 +112,7 @@ class NNVitalsCallback(pl.Callback):
         # lies among them, recorded under that step.
         multiple = -(-self._seen // self.every) * self.every
         label = multiple if multiple < self._seen + self._per_batch else self._seen
-        if monitor.steps != label:  # several optimizer steps a batch (manual optimization)
-            monitor.steps = label
-            monitor._arm()  # hooks on (and the parameters before the step kept) when that step is sampled
+        monitor.seek(label)  # differs with several optimizer steps a batch (manual optimization)
         if recorded and not self._output_checked:
             self._output_checked = True
             self._check_output_seen(loss)
