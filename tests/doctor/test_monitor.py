@@ -194,3 +194,15 @@ def test_the_output_is_the_logits_when_the_training_step_is_the_forward():
     report = mon.report()
     assert report.classes == 27  # judged against ln(27), not taken from the scalar loss
     assert "start-loss-high" in [f.code for f in report.findings]
+
+
+def test_pause_records_nothing_and_seek_renumbers_the_next_step():
+    model, opt, g, data, targets = setup(EXAMPLES["makemore-fixed"])
+    with nnvitals.Monitor(model, every=2) as mon:
+        mon.pause()
+        run(1, model, opt, g, data, targets, mon)  # step 0 is sampled, but paused: not recorded
+        mon.resume()
+        run(1, model, opt, g, data, targets, mon)  # step 1: not sampled
+        mon.seek(4)
+        run(1, model, opt, g, data, targets, mon)  # recorded as step 4
+    assert [row["step"] for row in mon.history] == [4] and mon.steps == 5
