@@ -53,7 +53,6 @@ class NNVitalsCallback(pl.Callback):
         self.start_findings: list[Finding] = []
         self.logged: list[Finding] = []  # what was last handed to the loggers
         self._seen = 0  # the trainer's global step when the Monitor last stepped
-        self._per_batch = 1  # optimizer steps per batch (more under manual optimization with several optimizers)
         self._state: dict[str, Any] | None = None  # from a checkpoint, until training starts
         self._writer: Any = None
         self._logged_step: int | None = None
@@ -77,7 +76,8 @@ class NNVitalsCallback(pl.Callback):
                                category=UserWarning)
                 self.monitor = Monitor(pl_module, every=self.every, tensorboard=writer)
             self._state = None
-        self.monitor.steps = self._seen = trainer.global_step
+        self._seen = trainer.global_step
+        self.monitor.seek(self._seen)
         self._logged_step = None
         self._output_checked = False
         self.monitor.__enter__()
@@ -107,11 +107,12 @@ class NNVitalsCallback(pl.Callback):
             loss = loss * trainer.accumulate_grad_batches  # Lightning divided it by the accumulation
         recorded = monitor.sampled(monitor.steps)
         monitor.step(loss)  # once per batch, whatever the number of optimizer steps in it
-        self._seen, self._per_batch = trainer.global_step, advanced
-        # The next batch covers the global steps [seen, seen + per_batch): sampled when a multiple of `every`
-        # lies among them, recorded under that step.
+        self._seen = trainer.global_step
+        # The next batch covers the global steps [seen, seen + advanced) (more than one under manual
+        # optimization with several optimizers): sampled when a multiple of `every` lies among them,
+        # recorded under that step.
         multiple = -(-self._seen // self.every) * self.every
-        label = multiple if multiple < self._seen + self._per_batch else self._seen
+        label = multiple if multiple < self._seen + advanced else self._seen
         monitor.seek(label)  # differs with several optimizer steps a batch (manual optimization)
         if recorded and not self._output_checked:
             self._output_checked = True
