@@ -349,9 +349,11 @@ class Monitor:
                     steps_kept = {step for step, _, _ in self._passes}
                     self._rows = {k: v for k, v in self._rows.items() if k in steps_kept or k < self._passes[0][0]}
             if not self._functions_checked and raw.chunks:
-                # Watching activation functions costs a little on every op; keep it only if the model has any.
+                # Watching activation functions costs a little on every op; keep it only if the model has any
+                # (re-attached below without the hooks that tracked which module called a function).
                 self._recorder.functions = self._recorder.found_functions
                 self._functions_checked = True
+                self._recorder.detach()
         self.steps += 1
         self._arm()
 

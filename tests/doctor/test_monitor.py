@@ -59,6 +59,26 @@ def test_monitor_detaches_between_samples_and_after():
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
+def test_every_step_keeps_watching_activation_functions_and_only_them():
+    """Watching activations called as functions costs on every op: after the first sampled step it stays on
+    for a model that has them (every step's history still shows `tanh()`) and is dropped, with the hooks
+    that tracked which module called a function, for a model that has none."""
+    model = M.FunctionalTanh()
+    g = torch.Generator().manual_seed(0)
+    with nnvitals.Monitor(model, every=1) as mon:
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 20, generator=g)), torch.randint(0, 10, (16,)))
+            loss.backward()
+            mon.step(loss)
+    assert [("tanh()" in row["layers"]) for row in mon.history] == [True, True, True]
+
+    model, opt, g, data, targets = setup(EXAMPLES["deep-tanh-batchnorm"])
+    with nnvitals.Monitor(model, every=1) as mon:
+        run(2, model, opt, g, data, targets, mon)
+        assert not any(m._forward_pre_hooks for m in model.modules() if m is not model)
+        assert len(mon.history) == 2
+
+
 def test_monitor_findings_and_update_ratio_history(tmp_path):
     _, mon = train(EXAMPLES["makemore-naive"], 30, monitor_every=5)
     codes = {f.code for f in mon.findings()}
