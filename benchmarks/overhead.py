@@ -143,6 +143,8 @@ def main() -> None:
     else:
         trainers = {
             "plain": Trainer(),
+            # the same plain loop again: how far two identical runs differ here (the noise floor of this run)
+            "plain again (noise floor)": Trainer(),
             "nnvitals Monitor(every=1)": Trainer(every=1),
             "nnvitals Monitor(every=10)": Trainer(every=10),
             "nnvitals Monitor(every=100)": Trainer(every=100),

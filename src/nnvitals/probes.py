@@ -232,7 +232,7 @@ def is_main_process() -> bool:
 
 
 def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
-    return p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
@@ -245,14 +245,22 @@ def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
     return [(kind, idx) for (kind, _, _), idx in groups.items()]
 
 
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """(k, ...) from k same-shape tensors: a copy, unless there is only one (then a view)."""
-    return torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+def _stacked(tensors: list[torch.Tensor], unit_dim: int | None = None) -> torch.Tensor:
+    """k tensors of as many values as one (k, values) float tensor or, given the unit axis, as (k, examples,
+    units): one copy (a view for k = 1). Layout ops (each costs about as much as a small reduction) only
+    where the tensors need them."""
+    if unit_dim is not None and unit_dim != tensors[0].dim() - 1:
+        tensors = [t.movedim(unit_dim, -1) for t in tensors]
+    shape = tensors[0].shape
+    if any(t.shape != shape for t in tensors):
+        tensors = [t.reshape(-1) if unit_dim is None else t.reshape(-1, t.shape[-1]) for t in tensors]
+    x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+    x = x.reshape(len(tensors), -1) if unit_dim is None else x.reshape(len(tensors), -1, x.shape[-1])
+    return x if x.dtype == torch.float32 else x.float()
 
 
-def _as_rows(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """An output as (examples, units), the unit axis last."""
-    return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
+def _as_double(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.double()
 
 
 def _sums(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -648,15 +656,12 @@ class Recorder:
         all in one flat tensor; `_parse_outputs` reads it back in the same order."""
         parts: list[torch.Tensor] = []
         for kind, idx in self._plan(specs):
-            if kind == "other":
-                x = _stacked([outs[i].reshape(-1) for i in idx]).float()
-            else:
-                x = _stacked([_as_rows(outs[i], specs[i].unit_dim) for i in idx]).float()
+            x = _stacked([outs[i] for i in idx], None if kind == "other" else specs[idx[0]].unit_dim)
             group_parts, maps = _reduce_group(kind, x)
             parts += group_parts
             if maps is not None:
                 self._maps.extend(zip([specs[i].name for i in idx], maps, strict=True))
-        return torch.cat(parts).double()
+        return _as_double(torch.cat(parts))
 
     def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
                       ready: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -669,14 +674,14 @@ class Recorder:
             if block is not None:
                 parts.append(block)
                 continue
-            x = _stacked([g.reshape(-1) for g in (grads[i] for i in idx) if g is not None]).float()
+            x = _stacked([g for g in (grads[i] for i in idx) if g is not None])
             n = x.shape[1]
             total, squares = _sums(x)
             parts += [total, squares]
             if kind != "other":
                 std = ((squares - total * total / n) / max(n - 1, 1)).clamp_(min=1e-30).sqrt_()
                 parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
-        return torch.cat(parts).double()
+        return _as_double(torch.cat(parts))
 
     def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
         """(name, parameter, kind of the module holding it) for every trainable parameter."""
@@ -686,10 +691,11 @@ class Recorder:
         """Indices (into _param_tensors) of the weights: parameters of 2 dimensions or more."""
         return [i for i, (_, p, _) in enumerate(self._param_tensors()) if p.dim() >= 2]
 
+    @torch.no_grad()
     def snapshot_params(self) -> list[torch.Tensor]:
         """Copies of the weights, to measure the next update against."""
         ps = self._param_tensors()
-        return list(torch._foreach_mul([ps[i][1].detach() for i in self._weights()], 1.0))
+        return list(torch._foreach_mul([ps[i][1] for i in self._weights()], 1.0))
 
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
@@ -699,18 +705,19 @@ class Recorder:
         index = self._weights()
         weights = set(index)
         others = [i for i in range(len(ps)) if i not in weights]
-        w = [ps[i][1].detach() for i in index]
+        w = [ps[i][1] for i in index]
         g = [_grad_or_zeros(ps[i][1]) for i in index]
         measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None and len(before) == len(w) else [])
-        rest = [ps[i][1].detach() for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
+        rest = [ps[i][1] for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
         parts = []
         if measured:
             parts.append(torch.stack([t.sum() for t in measured]))
         if measured or rest:
             parts.append(torch.stack(torch._foreach_powsum(measured + rest, 2)))
-        return torch.cat(parts).double()
+        return _as_double(torch.cat(parts))
 
     # -- collecting ----------------------------------------------------------------------------------
+    @torch.no_grad()
     def collect(self, *, before: list[torch.Tensor] | None = None, lr: float | None = None) -> RawPass:
         """Reduce everything recorded since the last collect and move it to the host in one transfer.
 
@@ -747,7 +754,9 @@ class Recorder:
             flags.append(self._inputs_finite)
         if flags:
             parts.append(torch.stack(flags).to(parts[0].device if parts else "cpu", torch.float64))
-        host = torch.cat([p.to(parts[0].device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
+        device = parts[0].device if parts else None
+        host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
+            else np.zeros(0)
         raw = RawPass(
             host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
             grads=grad_index,
