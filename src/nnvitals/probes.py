@@ -259,10 +259,6 @@ def _stacked(tensors: list[torch.Tensor], unit_dim: int | None = None) -> torch.
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _as_double(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.double()
-
-
 def _sums(flat: torch.Tensor) -> list[torch.Tensor]:
     """Per row of (k, n): the sum and the sum of squares (a NaN or Inf anywhere shows in both)."""
     return [flat.sum(1), torch.linalg.vector_norm(flat, dim=1).square_()]
@@ -280,8 +276,8 @@ def _histograms(x: torch.Tensor, lo: float, hi: float, bounded: bool, scale: tor
     u = x.reshape(k, -1)
     u = u * (width / scale) if scale is not None else u * width
     u = u.add_(1 - lo * width).nan_to_num_(0.0).clamp_(0, HIST_BINS if bounded else HIST_BINS + 1).long()
-    counts = torch.zeros(k, HIST_BINS + 2, dtype=torch.float64, device=x.device)
-    return counts.scatter_add_(1, u, torch.ones((), dtype=torch.float64, device=x.device).expand(u.shape)).view(-1)
+    counts = torch.zeros(k, HIST_BINS + 2, device=x.device)
+    return counts.scatter_add_(1, u, torch.ones((), device=x.device).expand(u.shape)).view(-1)
 
 
 def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -304,7 +300,8 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
         flagged = t > SATURATION_CUT
         alive = ~(t.amin(1) > DEAD_CUT)  # written so that NaN counts as alive, as it cannot be dead
         cells = t[:, :MAP_ROWS, :MAP_UNITS] > DEAD_CUT
-    parts += [flagged.reshape(k, -1).sum(1), _histograms(x, lo, hi, kind in BOUNDED), alive.reshape(-1)]
+    # float32 throughout: counts stay exact below 2**24, and concatenating one dtype is cheap
+    parts += [flagged.reshape(k, -1).sum(1).float(), _histograms(x, lo, hi, kind in BOUNDED), alive.reshape(-1).float()]
     return parts, cells
 
 
@@ -646,7 +643,7 @@ class Recorder:
         self._pending = 0
 
     def _plan(self, specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
-        key = tuple((s.shape, s.unit_dim, s.kind) for s in specs)
+        key = tuple(map(id, specs))  # specs live on in _spec_cache: their ids name them
         if key not in self._cache:
             self._cache[key] = _groups(specs)
         return self._cache[key]
@@ -661,7 +658,7 @@ class Recorder:
             parts += group_parts
             if maps is not None:
                 self._maps.extend(zip([specs[i].name for i in idx], maps, strict=True))
-        return _as_double(torch.cat(parts))
+        return torch.cat(parts)
 
     def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
                       ready: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -681,28 +678,29 @@ class Recorder:
             if kind != "other":
                 std = ((squares - total * total / n) / max(n - 1, 1)).clamp_(min=1e-30).sqrt_()
                 parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
-        return _as_double(torch.cat(parts))
+        return torch.cat(parts)
 
     def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
         """(name, parameter, kind of the module holding it) for every trainable parameter."""
         return [(n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
 
-    def _weights(self) -> list[int]:
-        """Indices (into _param_tensors) of the weights: parameters of 2 dimensions or more."""
-        return [i for i, (_, p, _) in enumerate(self._param_tensors()) if p.dim() >= 2]
+    @staticmethod
+    def _weights(ps: list[tuple[str, torch.Tensor, str | None]]) -> list[int]:
+        """Indices (into `ps`, from _param_tensors) of the weights: parameters of 2 dimensions or more."""
+        return [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2]
 
     @torch.no_grad()
     def snapshot_params(self) -> list[torch.Tensor]:
         """Copies of the weights, to measure the next update against."""
         ps = self._param_tensors()
-        return list(torch._foreach_mul([ps[i][1] for i in self._weights()], 1.0))
+        return list(torch._foreach_mul([ps[i][1] for i in self._weights(ps)], 1.0))
 
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
                        lr: float | None) -> torch.Tensor:
         """For the weights (2-D and more): the sums and sums of squares of the weights, their gradients
         and their updates. For the other parameters (biases, gains): their sums of squares and their
         gradients', which only tell whether they are finite."""
-        index = self._weights()
+        index = self._weights(ps)
         weights = set(index)
         others = [i for i in range(len(ps)) if i not in weights]
         w = [ps[i][1] for i in index]
@@ -710,11 +708,11 @@ class Recorder:
         measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None and len(before) == len(w) else [])
         rest = [ps[i][1] for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
         parts = []
-        if measured:
-            parts.append(torch.stack([t.sum() for t in measured]))
+        if measured:  # in float32 whatever the parameters' dtype (half-precision sums would overflow)
+            parts.append(torch.stack([t.sum(dtype=torch.float32) for t in measured]))
         if measured or rest:
-            parts.append(torch.stack(torch._foreach_powsum(measured + rest, 2)))
-        return _as_double(torch.cat(parts))
+            parts.append(torch.stack(torch._foreach_powsum(measured + rest, 2, dtype=torch.float32)))
+        return torch.cat(parts)
 
     # -- collecting ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -753,7 +751,7 @@ class Recorder:
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         if flags:
-            parts.append(torch.stack(flags).to(parts[0].device if parts else "cpu", torch.float64))
+            parts.append(torch.stack(flags).to(parts[0].device if parts else "cpu", torch.float32))
         device = parts[0].device if parts else None
         host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
             else np.zeros(0)
@@ -761,7 +759,7 @@ class Recorder:
             host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
             grads=grad_index,
             params=[(n, tuple(p.shape), kind, p.grad is not None) for n, p, kind in ps],
-            weights=self._weights() if ps else [], updates_measured=before is not None, lr=lr,
+            weights=self._weights(ps), updates_measured=before is not None, lr=lr,
             maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
             grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
             inputs_checked=self._inputs_finite is not None, world=world,
