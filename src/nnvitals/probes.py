@@ -438,9 +438,11 @@ class Recorder:
             if track_stack and module is not self.model:
                 self._handles.append(module.register_forward_pre_hook(self._push))
             if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout):
-                self._handles.append(module.register_forward_hook(self._make_hook(name, kind), always_call=True))
+                self._handles.append(module.register_forward_hook(self._make_hook(name, kind, module),
+                                                                  always_call=True))
             elif track_stack and module is not self.model:
-                self._handles.append(module.register_forward_hook(self._make_hook(name, None), always_call=True))
+                self._handles.append(module.register_forward_hook(self._make_hook(name, None, module),
+                                                                  always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
@@ -515,18 +517,24 @@ class Recorder:
     def _push(self, module: nn.Module, args: Any) -> None:
         self._stack.append(module)
 
-    def _make_hook(self, name: str, kind: str | None) -> Callable[..., None]:
+    def _make_hook(self, name: str, kind: str | None, watched: nn.Module) -> Callable[..., None]:
+        # what does not change from call to call, worked out once (a sampled step calls every hook)
+        batchnorm = is_batchnorm(watched)
+        dropout = isinstance(watched, nn.Dropout | nn.AlphaDropout)
+        op = type(watched).__name__
+
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self._stack and self._stack[-1] is module:
                 self._stack.pop()
             if not isinstance(out, torch.Tensor):
                 return
             grad = torch.is_grad_enabled()
-            if kind is None and not isinstance(module, nn.Dropout | nn.AlphaDropout):
+            if kind is None and not dropout:
                 if self.trace_all and grad:
                     self._trace(name, module, args, out)
                 return
-            self._check_mode(name, module, grad)
+            if batchnorm or dropout:
+                self._check_mode(name, module, grad)
             if not grad:
                 return  # an inference pass: only its modes matter
             if self.trace_all:
@@ -534,13 +542,13 @@ class Recorder:
             if kind is None:
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if is_batchnorm(module) and module.training and x is not None and x.dim() >= 2:
+            if batchnorm and module.training and x is not None and x.dim() >= 2:
                 self._bn_batches[name] = int(x.shape[0])
                 prod = self._producers.get(id(x))
                 if prod is not None and prod[0] is x and isinstance(prod[2], _LINEAR) \
                         and getattr(prod[2], "bias", None) is not None:
                     self._bias_before_norm.append((prod[1], name))
-            self._record(name, kind, type(module).__name__, None, module, x, out)
+            self._record(name, kind, op, None, module, x, out)
         return hook
 
     def _on_function(self, func: Any, kind: str, x: Any, out: torch.Tensor) -> None:
@@ -592,7 +600,8 @@ class Recorder:
 
     def _record(self, base: str, kind: str, op: str, site: Callable[[], str | None] | None, module: nn.Module | None,
                 x: torch.Tensor | None, out: torch.Tensor) -> None:
-        if not out.is_floating_point() or out.numel() == 0:
+        numel = out.numel()
+        if numel == 0 or not out.is_floating_point():
             return
         count = self._names_used.get(base, 0) + 1
         self._names_used[base] = count
@@ -613,20 +622,20 @@ class Recorder:
         # in place; any other output (a Linear's before an in-place ReLU) is copied as it is now, or, when
         # large, reduced right away (below).
         protected = kind in ACTIVATIONS
-        reduce_now = not protected and out.numel() >= STACK_LIMIT
+        reduce_now = not protected and numel >= STACK_LIMIT
         self._outs.append(out.detach() if protected or reduce_now else out.detach().clone())
         self._producers[id(out)] = (out, name, module)
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
         if out.requires_grad:
-            if out.numel() >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
+            if numel >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
                 out.register_hook(self._grad_reducer(index))
             else:  # retain_grad costs one C++ call, a Python hook several times more
                 out.retain_grad()
             self._grad_sources.append((index, out, out._version))
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(name))
-        self._pending += out.numel()
+        self._pending += numel
         if reduce_now or self._pending > FLUSH_ELEMENTS:
             self._flush()
 
