@@ -432,17 +432,21 @@ class Recorder:
     def attach(self) -> None:
         if self.attached:
             return
-        for name, module in self.model.named_modules():
-            kind = module_kind(module)
-            track_stack = self.functions or self.trace_all
-            if track_stack and module is not self.model:
+        # Which hooks go where is worked out on the first attach and kept (a Monitor attaches every sample).
+        track_stack = self.functions or self.trace_all
+        plan = self._cache.get(("attach", track_stack))
+        if plan is None:
+            plan = []
+            for name, module in self.model.named_modules():
+                kind = module_kind(module)
+                push = track_stack and module is not self.model
+                if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or push:
+                    plan.append((module, push, self._make_hook(name, kind, module)))
+            self._cache[("attach", track_stack)] = plan
+        for module, push, hook in plan:
+            if push:
                 self._handles.append(module.register_forward_pre_hook(self._push))
-            if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout):
-                self._handles.append(module.register_forward_hook(self._make_hook(name, kind, module),
-                                                                  always_call=True))
-            elif track_stack and module is not self.model:
-                self._handles.append(module.register_forward_hook(self._make_hook(name, None, module),
-                                                                  always_call=True))
+            self._handles.append(module.register_forward_hook(hook, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
