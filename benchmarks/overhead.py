@@ -2,9 +2,13 @@
 
 The network is the lesson's deep one: embedding 10, six bias-free Linear layers of width 100 with
 BatchNorm1d and Tanh, batch 32, plain SGD. Configurations are interleaved round by round (so a noisy
-neighbour hits them all alike) and each round's mean step time is compared with the plain loop's of
-the same round; the figure quoted is the median of those per-round ratios. Times are the process's
-CPU time (time.process_time), so a busy neighbour on a shared machine costs waiting, not measurement.
+neighbour hits them all alike). Two figures per configuration, each against the plain loop:
+  rounds   each round's mean step time over the plain loop's in the same round, the median of those
+  typical  every step timed on its own; the median step at each position of the sampling cycle (the
+           sampled step, the one before it, ...), averaged over the cycle: what a step costs when no
+           neighbour interferes, since a burst of a neighbour moves a median far less than a mean
+Times are the process's CPU time (time.process_time), so a busy neighbour on a shared machine costs
+waiting, not measurement.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 300] [--threads 1]
 
@@ -19,7 +23,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -57,10 +61,13 @@ class Trainer:
         self.X, self.Y = data()
         self.g = torch.Generator().manual_seed(2)
         self.monitor = nnvitals.Monitor(self.model, every=every).__enter__() if every else None
+        self.every = every or 1
+        self.step_times: list[float] = []  # every step's seconds, from the first step on
 
     def __call__(self, steps: int) -> float:
         start = time.process_time()
         for _ in range(steps):
+            t0 = time.process_time()
             ix = torch.randint(0, len(self.X), (BATCH,), generator=self.g)
             loss = nn.functional.cross_entropy(self.model(self.X[ix]), self.Y[ix])
             self.opt.zero_grad(set_to_none=True)
@@ -68,6 +75,7 @@ class Trainer:
             self.opt.step()
             if self.monitor is not None:
                 self.monitor.step(loss)
+            self.step_times.append(time.process_time() - t0)
         return (time.process_time() - start) / steps
 
 
@@ -92,10 +100,13 @@ class CockpitTrainer:
         self.X, self.Y = data()
         self.g = torch.Generator().manual_seed(2)
         self.step = 0
+        self.every = every
+        self.step_times: list[float] = []
 
     def __call__(self, steps: int) -> float:
         start = time.process_time()
         for _ in range(steps):
+            t0 = time.process_time()
             ix = torch.randint(0, len(self.X), (BATCH,), generator=self.g)
             out = self.net(self.emb(self.X[ix]).flatten(1))
             loss = self.loss_fn(out, self.Y[ix])
@@ -106,10 +117,23 @@ class CockpitTrainer:
                 loss.backward(create_graph=self.cockpit.create_graph(self.step))
             self.opt.step()
             self.step += 1
+            self.step_times.append(time.process_time() - t0)
         return (time.process_time() - start) / steps
 
 
+def typical_step(step_times: Sequence[float], every: int, first: int = 0) -> float:
+    """Seconds a step typically costs when one step in `every` is sampled: the median of the steps at each
+    position of the cycle (step number modulo `every`; `first`: the number of the first step timed),
+    averaged over the positions."""
+    positions: list[list[float]] = [[] for _ in range(every)]
+    for i, t in enumerate(step_times):
+        positions[(first + i) % every].append(t)
+    return statistics.mean(statistics.median(p) for p in positions if p)
+
+
 def measure(configs: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, float]]:
+    """Round by round, each configuration in turn; per configuration the median of its per-round ratios to
+    the first (plain) configuration's time in the same round."""
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, fn in configs.items():
@@ -133,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n = args.steps
     if args.cockpit:
-        trainers: dict[str, Callable[[int], float]] = {
+        trainers: dict[str, Trainer | CockpitTrainer] = {
             "plain (no BatchNorm)": Trainer(batchnorm=False),
             "nnvitals every=1 (no BatchNorm)": Trainer(batchnorm=False, every=1),
             "nnvitals every=10 (no BatchNorm)": Trainer(batchnorm=False, every=10),
@@ -151,15 +175,22 @@ def main() -> None:
         }
     for trainer in trainers.values():  # warm-up round, not timed: imports, caches, first sampled step
         trainer(n)
+        trainer.step_times.clear()
     configs = {name: (lambda t=trainer: t(n)) for name, trainer in trainers.items()}
     result = measure(configs, args.rounds)
+    plain = typical_step(next(iter(trainers.values())).step_times, 1)
+    for name, trainer in trainers.items():
+        typical = typical_step(trainer.step_times, trainer.every, first=n)  # the warm-up took steps 0..n-1
+        result[name] |= {"typical_ms": 1000 * typical, "typical_ratio": typical / plain}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{'configuration':42s} {'ms/step':>9s} {'x plain':>8s}   (median of {args.rounds} interleaved rounds "
-          f"of {n} steps, {args.threads} thread)")
+    print(f"{args.rounds} interleaved rounds of {n} steps, {args.threads} thread; rounds: median of per-round "
+          "ratios; typical: median step per position of the sampling cycle")
+    print(f"{'configuration':42s} {'ms/step':>9s} {'x plain':>8s} {'typical ms':>11s} {'x plain':>8s}")
     for name, r in result.items():
-        print(f"{name:42s} {r['ms_per_step']:9.3f} {r['ratio']:8.2f}")
+        print(f"{name:42s} {r['ms_per_step']:9.3f} {r['ratio']:8.2f} {r['typical_ms']:11.3f} "
+              f"{r['typical_ratio']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import BATCH, EMBED, VOCAB, data, deep_net  # noqa: E402
+from overhead import BATCH, EMBED, VOCAB, data, deep_net, typical_step  # noqa: E402
 
 LM_VOCAB, LM_CONTEXT, LM_WIDTH, LM_LAYERS, LM_HEADS, LM_BATCH = 65, 64, 128, 4, 4, 32
 HIST_BINS = 64
@@ -216,11 +216,18 @@ class Run:
         self.watcher = WATCHERS[watcher](self.model, every)
         self.g = torch.Generator().manual_seed(2)
         self.clock = clock
+        self.every = every if watcher != "plain" else 1
         self.step = 0
+        # every step's seconds (not on a GPU, where timing one step would mean a synchronize after each)
+        self.step_times: list[float] = []
 
     def __call__(self, steps: int) -> float:
+        per_step = self.clock.kind != "cuda"
+        now = time.perf_counter if self.clock.kind == "wall" else time.process_time
+
         def run() -> None:
             for _ in range(steps):
+                t0 = now() if per_step else 0.0
                 x, y = self.batch(self.g)
                 out = self.model(x)
                 loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
@@ -230,6 +237,8 @@ class Run:
                 self.opt.step()
                 self.watcher.after_step(self.step, loss)
                 self.step += 1
+                if per_step:
+                    self.step_times.append(now() - t0)
 
         return self.clock(run) / steps
 
@@ -244,17 +253,27 @@ def configurations(with_peers: bool, everies: list[int]) -> list[tuple[str, str,
 
 
 def interleaved(runs: dict[str, Run], steps: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Each configuration's median ratio of per-round times to the plain run's and, where steps were timed
+    one by one, its typical step (overhead.typical_step) over the plain run's."""
     for run in runs.values():  # untimed: imports, caches, the first sampled step
         run(steps)
+        run.step_times.clear()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             times[name].append(run(steps))
     plain = times["plain"]
-    return {name: {"ms_per_step": 1000 * statistics.median(t),
-                   "ratio": statistics.median(a / b for a, b in zip(t, plain, strict=True)),
-                   "ratios": [round(a / b, 3) for a, b in zip(t, plain, strict=True)]}
-            for name, t in times.items()}
+    result: dict[str, dict[str, Any]] = {
+        name: {"ms_per_step": 1000 * statistics.median(t),
+               "ratio": statistics.median(a / b for a, b in zip(t, plain, strict=True)),
+               "ratios": [round(a / b, 3) for a, b in zip(t, plain, strict=True)]}
+        for name, t in times.items()}
+    if runs["plain"].step_times:
+        typical_plain = typical_step(runs["plain"].step_times, 1)
+        for name, run in runs.items():
+            typical = typical_step(run.step_times, run.every, first=steps)  # the warm-up took steps 0..steps-1
+            result[name] |= {"typical_ms": 1000 * typical, "typical_ratio": typical / typical_plain}
+    return result
 
 
 def ddp_worker(rank: int, init_file: str, out: str, device: str, steps: int, rounds: int) -> None:
@@ -336,9 +355,11 @@ def main() -> int:
         return 0
     for model, rows in results.items():
         print(f"\n{model} ({args.device}, median of {args.rounds} interleaved rounds)")
-        print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s}  per round")
+        print(f"{'configuration':40s} {'ms/step':>9s} {'x plain':>8s} {'typical ms':>11s} {'x plain':>8s}  per round")
         for name, r in rows.items():
-            print(f"{name:40s} {r['ms_per_step']:9.3f} {r['ratio']:8.2f}  {r['ratios']}")
+            typical = (f"{r['typical_ms']:11.3f} {r['typical_ratio']:8.2f}" if "typical_ms" in r
+                       else f"{'-':>11s} {'-':>8s}")
+            print(f"{name:40s} {r['ms_per_step']:9.3f} {r['ratio']:8.2f} {typical}  {r['ratios']}")
     return 0
 
 
