@@ -121,13 +121,13 @@ class CockpitTrainer:
         return (time.process_time() - start) / steps
 
 
-def typical_step(step_times: Sequence[float], every: int, first: int = 0) -> float:
+def typical_step(step_times: Sequence[float], every: int) -> float:
     """Seconds a step typically costs when one step in `every` is sampled: the median of the steps at each
-    position of the cycle (step number modulo `every`; `first`: the number of the first step timed),
-    averaged over the positions."""
+    position of the cycle, averaged over the positions (which position is the sampled one does not
+    matter: each is counted once)."""
     positions: list[list[float]] = [[] for _ in range(every)]
     for i, t in enumerate(step_times):
-        positions[(first + i) % every].append(t)
+        positions[i % every].append(t)
     return statistics.mean(statistics.median(p) for p in positions if p)
 
 
@@ -180,7 +180,7 @@ def main() -> None:
     result = measure(configs, args.rounds)
     plain = typical_step(next(iter(trainers.values())).step_times, 1)
     for name, trainer in trainers.items():
-        typical = typical_step(trainer.step_times, trainer.every, first=n)  # the warm-up took steps 0..n-1
+        typical = typical_step(trainer.step_times, trainer.every)
         result[name] |= {"typical_ms": 1000 * typical, "typical_ratio": typical / plain}
     if args.json:
         print(json.dumps(result, indent=2))

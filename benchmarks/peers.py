@@ -271,7 +271,7 @@ def interleaved(runs: dict[str, Run], steps: int, rounds: int) -> dict[str, dict
     if runs["plain"].step_times:
         typical_plain = typical_step(runs["plain"].step_times, 1)
         for name, run in runs.items():
-            typical = typical_step(run.step_times, run.every, first=steps)  # the warm-up took steps 0..steps-1
+            typical = typical_step(run.step_times, run.every)
             result[name] |= {"typical_ms": 1000 * typical, "typical_ratio": typical / typical_plain}
     return result
 

@@ -1,4 +1,5 @@
-"""benchmarks/peers.py refuses arguments that cannot give a fair comparison: an error line and status 2."""
+"""benchmarks/peers.py refuses arguments that cannot give a fair comparison (an error line and status 2); the
+typical-step figure the benchmarks quote."""
 
 import argparse
 import importlib.util
@@ -54,3 +55,16 @@ def test_mlp_starts_from_the_same_weights_every_time():
     second, _, _ = peers.mlp_task("cpu")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                    strict=True))
+
+
+def test_typical_step_spreads_the_sampled_step_over_the_cycle_and_ignores_a_burst():
+    """The typical-step figure: one sampled step of 12 ms in each cycle of ten 2 ms steps costs 1 ms a step
+    on top; a neighbour's 40 ms burst on one step moves the mean of the steps but not the typical figure."""
+    typical_step = peers_module().typical_step
+    times = [0.012 if i % 10 == 0 else 0.002 for i in range(100)]
+    assert typical_step(times, 10) == pytest.approx(0.003)
+    assert typical_step(times, 1) == pytest.approx(0.002)  # the plain figure: the median step
+    burst = list(times)
+    burst[37] = 0.040
+    assert typical_step(burst, 10) == pytest.approx(0.003)
+    assert sum(burst) / len(burst) > 0.0033
