@@ -216,7 +216,7 @@ class Run:
         self.watcher = WATCHERS[watcher](self.model, every)
         self.g = torch.Generator().manual_seed(2)
         self.clock = clock
-        self.every = every if watcher != "plain" else 1
+        self.every = every
         self.step = 0
         # every step's seconds (not on a GPU, where timing one step would mean a synchronize after each)
         self.step_times: list[float] = []
