@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from nnvitals.doctor import _strict
 from nnvitals.lab import data
 
 EMBED, WIDTH, DEPTH = 10, 100, 6
+REFUSAL_GRACE_S = 5.0  # how long the other ranks outlive rank 0 when refusing (it needs well under a second)
 
 
 def deep_mlp(vocab: int, context: int) -> nn.Sequential:
@@ -81,6 +83,10 @@ def main() -> None:
     if problem:  # before any process group: every process stops, one says why
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{ap.prog}: error: {problem}", file=sys.stderr)
+        else:
+            # torchrun stops the whole group when the first process exits: the others wait a moment, so
+            # that rank 0 (maybe still importing torch) is not stopped before it has said why
+            time.sleep(REFUSAL_GRACE_S)
         sys.exit(2)
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -4,6 +4,7 @@ import math
 import re
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pexpect
@@ -185,6 +186,15 @@ def test_a_drill_poses_fresh_cases_and_checks_them_the_same_way(terminal):
     _finish(child)
 
 
+def _interrupt_at(child, prompt):
+    """Ctrl-C once the program waits at `prompt`. (Sent the instant a line is printed, it can land between
+    Python's last signal check and the read() that follows; CPython then sees it only at the next key, and
+    a person would press it again.)"""
+    child.expect_exact(prompt)
+    time.sleep(0.3)
+    child.sendintr()
+
+
 def test_ctrl_c_in_practice_and_exercise_sums_up_and_exits_130(terminal):
     child = terminal("practice")
     child.expect_exact("Your attempt (Enter shows the answer): ")
@@ -192,7 +202,7 @@ def test_ctrl_c_in_practice_and_exercise_sums_up_and_exits_130(terminal):
     child.expect_exact("How did it go?")
     child.send("3")
     child.expect_exact("Question 2 of 5")
-    child.sendintr()
+    _interrupt_at(child, "Your attempt (Enter shows the answer): ")
     child.expect_exact("1 of 5 rated: 0 knew it · 0 partly · 1 not yet")
     _finish(child)
     assert child.exitstatus == 130
@@ -201,7 +211,7 @@ def test_ctrl_c_in_practice_and_exercise_sums_up_and_exits_130(terminal):
     child.expect_exact("Uniform baseline ln(27), in nats (±0.01): ")
     child.sendline("3.30")
     child.expect_exact("right: 3.2958")
-    child.sendintr()
+    _interrupt_at(child, "Starting loss minus that baseline")
     child.expect_exact("1 of 1 figures within tolerance.")
     _finish(child)
     assert child.exitstatus == 130
