@@ -708,17 +708,17 @@ class Recorder:
         ps = self._param_tensors()
         return list(torch._foreach_mul([ps[i][1] for i in self._weights(ps)], 1.0))
 
-    def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], before: list[torch.Tensor] | None,
-                       lr: float | None) -> torch.Tensor:
-        """For the weights (2-D and more): the sums and sums of squares of the weights, their gradients
-        and their updates. For the other parameters (biases, gains): their sums of squares and their
-        gradients', which only tell whether they are finite."""
-        index = self._weights(ps)
+    @staticmethod
+    def _reduce_params(ps: list[tuple[str, torch.Tensor, str | None]], index: list[int],
+                       before: list[torch.Tensor] | None) -> torch.Tensor:
+        """For the weights (`index` into `ps`): the sums and sums of squares of the weights, their gradients
+        and, given `before` (one copy per weight), their updates. For the other parameters (biases, gains):
+        their sums of squares and their gradients', which only tell whether they are finite."""
         weights = set(index)
         others = [i for i in range(len(ps)) if i not in weights]
         w = [ps[i][1] for i in index]
         g = [_grad_or_zeros(ps[i][1]) for i in index]
-        measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None and len(before) == len(w) else [])
+        measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None else [])
         rest = [ps[i][1] for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
         parts = []
         if measured:  # in float32 whatever the parameters' dtype (half-precision sums would overflow)
@@ -758,8 +758,11 @@ class Recorder:
             torch.distributed.all_reduce(packed)
             parts = [packed]
         ps = self._param_tensors()
+        weights = self._weights(ps)
+        if before is not None and len(before) != len(weights):
+            before = None  # the trainable weights changed since the snapshot: no update to measure
         if ps:
-            parts.append(self._reduce_params(ps, before, lr))
+            parts.append(self._reduce_params(ps, weights, before))
         flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
@@ -772,7 +775,7 @@ class Recorder:
             host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
             grads=grad_index,
             params=[(n, tuple(p.shape), kind, p.grad is not None) for n, p, kind in ps],
-            weights=self._weights(ps), updates_measured=before is not None, lr=lr,
+            weights=weights, updates_measured=before is not None, lr=lr,
             maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
             grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
             inputs_checked=self._inputs_finite is not None, world=world,

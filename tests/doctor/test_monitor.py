@@ -170,6 +170,26 @@ def test_update_ratio_is_the_measured_update():
             assert row[name]["update_ratio"] == pytest.approx(expected, abs=1e-3)
 
 
+
+def test_a_weight_frozen_between_snapshot_and_step_leaves_the_other_numbers_right():
+    """The weights copied before the step no longer match the trainable ones: no update ratio is made up,
+    and every weight's and gradient's spread is still its own."""
+    model, x, y = M.healthy_deep_tanh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with nnvitals.Monitor(model, every=1) as mon:
+        frozen = next(p for p in model.parameters() if p.dim() >= 2)
+        frozen.requires_grad_(False)  # after the Monitor copied the weights for this step
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+    params = {p.name: p for p in mon.report().stats.params}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dim() >= 2:
+            assert params[name].update_ratio is None
+            assert params[name].std == pytest.approx(p.detach().std().item(), rel=1e-4)
+            assert params[name].grad_std == pytest.approx(p.grad.std().item(), rel=1e-4)
+
 def test_state_dict_resumes_with_the_same_history_and_findings():
     import json
 
