@@ -30,6 +30,11 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
+try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
+    from nnvitals import _kernel
+except ImportError:  # pragma: no cover - depends on the install
+    _kernel = None
+
 HIST_BINS = 50
 # Fixed histogram ranges per kind of layer output, so histograms of different steps (and, later, of
 # different processes) can be added bin by bin. Values outside land in the under/overflow counts.
@@ -305,6 +310,105 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
     return parts, cells
 
 
+# One tensor's share of the kernel's work (item_t in _kernel.c): where it is, its layout, what to measure of it
+# and at which float32 slots of the block its numbers go (-1: not wanted).
+_ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "mode", "o_sum", "o_sq", "o_flag",
+                                          "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
+                 + [("lo", np.float64), ("hi", np.float64)])
+_MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4}
+
+
+class _Layout:
+    """Where each tensor's numbers go in a block the kernel fills, worked out once per plan (only the addresses
+    change from pass to pass). The slots are those the torch-op reductions write, in their order. Rows are
+    added with `add`, in the order the tensors will be given to `run`."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.size = 0  # float32 slots in the block
+        self.maps: list[tuple[int, int, int, int]] = []  # (item, first cell, rows, units) of saturation maps
+        self.cells = 0  # saturation-map cells in all
+        self._items: np.ndarray | None = None
+
+    def add(self, count: int, *, mode: str = "other", o_sum: int = -1, o_sq: int = -1,
+            shape: tuple[int, int, int] | None = None, o_flag: int = -1, o_hist: int = -1, o_alive: int = -1,
+            hist_range: tuple[float, float] = (0.0, 1.0), saturation_map: bool = False) -> None:
+        outer, units, inner = shape or (count, 1, 1)
+        rows = units_kept = 0
+        if saturation_map:
+            rows, units_kept = min(outer * inner, MAP_ROWS), min(units, MAP_UNITS)
+            self.maps.append((len(self.rows), self.cells, rows, units_kept))
+            self.cells += rows * units_kept
+        self.rows.append(dict(outer=outer, units=units, inner=inner, mode=_MODE[mode], o_sum=o_sum, o_sq=o_sq,
+                              o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
+                              numel=count, lo=hist_range[0], hi=hist_range[1]))
+
+    def run(self, xs: Sequence[torch.Tensor | None], ys: Sequence[torch.Tensor | None] | None = None
+            ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """The block for these tensors (one per row, in order; None: zeros) and, `ys` given, minus those;
+        plus the saturation maps the rows asked for."""
+        if self._items is None:
+            self._items = np.zeros(len(self.rows), _ITEM)
+            for key in self.rows[0] if self.rows else ():
+                self._items[key] = [row[key] for row in self.rows]
+            self._numel = [row["numel"] for row in self.rows]
+        items = self._items  # one pass at a time per layout: only the addresses change
+        keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
+        items["x"] = self._addresses(xs, keep)
+        if ys is not None:
+            items["y"] = self._addresses(ys, keep)
+        cells = np.empty(self.cells, dtype=np.bool_)
+        for item, start, _, _ in self.maps:
+            items["cells"][item] = cells.ctypes.data + start
+        out = torch.empty(self.size)
+        assert _kernel is not None
+        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), HIST_BINS, SATURATION_CUT, DEAD_CUT)
+        return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
+
+    def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
+        found = []
+        for t, numel in zip(tensors, self._numel, strict=True):
+            if t is None:
+                found.append(0)
+                continue
+            if t.numel() != numel:  # the kernel trusts these sizes: never let it read past a tensor
+                raise RuntimeError(f"nnvitals: expected a tensor of {numel} values, got shape {tuple(t.shape)}")
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                t = t.float().contiguous()
+                keep.append(t)
+            found.append(t.data_ptr())
+        return found
+
+
+def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether the kernel can take these: it is built and they are in host memory."""
+    return _kernel is not None and all(t is None or t.is_cpu for t in tensors)
+
+
+def _output_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]]) -> tuple[_Layout, list[int]]:
+    """The kernel's items for a `_reduce_outputs` block (same slots as _reduce_group's), and which output each
+    item reads."""
+    layout, order, cursor, width = _Layout(), [], 0, HIST_BINS + 2
+    for kind, idx in plan:
+        k = len(idx)
+        for j, i in enumerate(idx):
+            s = specs[i]
+            n = math.prod(s.shape)
+            if kind == "other":
+                layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
+            else:
+                units = s.shape[s.unit_dim]
+                layout.add(n, mode=kind, o_sum=cursor + j, o_sq=cursor + k + j,
+                           shape=(math.prod(s.shape[:s.unit_dim]), units, math.prod(s.shape[s.unit_dim + 1:])),
+                           o_flag=cursor + 2 * k + j, o_hist=cursor + 3 * k + width * j,
+                           o_alive=cursor + (3 + width) * k + units * j,
+                           hist_range=HIST_RANGE.get(kind, DEFAULT_HIST_RANGE), saturation_map=kind in BOUNDED)
+            order.append(i)
+        cursor += 2 * k if kind == "other" else (3 + width + specs[idx[0]].shape[specs[idx[0]].unit_dim]) * k
+    layout.size = cursor
+    return layout, order
+
+
 _TRANSPARENT = ("AddBackward", "SubBackward", "MmBackward", "AddmmBackward", "BmmBackward",
                 "TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward",
                 "ReshapeAliasBackward", "UnsafeViewBackward", "ExpandBackward", "SqueezeBackward",
@@ -469,7 +573,7 @@ class Recorder:
         self._pending = 0
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunk_layouts: list[list[_Spec]] = []
-        self._maps: list[tuple[str, torch.Tensor]] = []  # layer name -> saturation-map cells (device)
+        self._maps: list[tuple[str, torch.Tensor | np.ndarray]] = []  # layer name -> saturation-map cells
         # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad) or,
         # for large ones, a hook reduces as it arrives (into _grad_blocks)
         self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
@@ -664,8 +768,17 @@ class Recorder:
     def _reduce_outputs(self, specs: Sequence[_Spec], outs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each group of same-kind, same-shape outputs stacked and reduced in one go (see _reduce_group),
         all in one flat tensor; `_parse_outputs` reads it back in the same order."""
+        plan = self._plan(specs)
+        if _on_cpu(outs):
+            key = ("kernel", tuple(map(id, specs)))
+            if key not in self._cache:
+                self._cache[key] = _output_layout(specs, plan)
+            layout, order = self._cache[key]
+            block, maps = layout.run([outs[i] for i in order])
+            self._maps.extend(zip([specs[order[item]].name for item, _, _, _ in layout.maps], maps, strict=True))
+            return block
         parts: list[torch.Tensor] = []
-        for kind, idx in self._plan(specs):
+        for kind, idx in plan:
             x = _stacked([outs[i] for i in idx], None if kind == "other" else specs[idx[0]].unit_dim)
             group_parts, maps = _reduce_group(kind, x)
             parts += group_parts
@@ -678,8 +791,11 @@ class Recorder:
         """Per group of same-shape gradients their sums and sums of squares; for activations also
         HIST_BINS + 2 counts in units of each gradient's own std. `ready`: blocks of large gradients
         (groups of one) already reduced, as they arrived in the backward pass."""
+        plan = self._plan(specs)
+        if _on_cpu(grads):
+            return self._reduce_grads_on_cpu(specs, plan, grads, ready)
         parts: list[torch.Tensor] = []
-        for kind, idx in self._plan(specs):
+        for kind, idx in plan:
             block = ready[idx[0]] if ready is not None else None
             if block is not None:
                 parts.append(block)
@@ -692,6 +808,42 @@ class Recorder:
                 std = ((squares - total * total / n) / max(n - 1, 1)).clamp_(min=1e-30).sqrt_()
                 parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
         return torch.cat(parts)
+
+    def _reduce_grads_on_cpu(self, specs: Sequence[_Spec], plan: list[tuple[str, list[int]]],
+                             grads: Sequence[torch.Tensor | None], ready: Sequence[torch.Tensor | None] | None
+                             ) -> torch.Tensor:
+        """_reduce_grads by the kernel: the same slots, with the blocks reduced in backward put in their place."""
+        blocks = {i: b for i, b in enumerate(ready or []) if b is not None}
+        key = ("kernel-grads", tuple(map(id, specs)), tuple(blocks))
+        if key not in self._cache:
+            layout, order, cursor, width = _Layout(), [], 0, HIST_BINS + 2
+            for kind, idx in plan:
+                if idx[0] in blocks:  # a group of one, already reduced: its slots stay free for it
+                    cursor += blocks[idx[0]].numel()
+                    continue
+                k = len(idx)
+                for j, i in enumerate(idx):
+                    n = math.prod(specs[i].shape)
+                    if kind == "other":
+                        layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
+                    else:
+                        layout.add(n, mode="grad", o_sum=cursor + j, o_sq=cursor + k + j,
+                                   o_hist=cursor + 2 * k + width * j, hist_range=(-GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS))
+                    order.append(i)
+                cursor += 2 * k if kind == "other" else (2 + width) * k
+            layout.size = cursor
+            self._cache[key] = layout, order
+        layout, order = self._cache[key]
+        out, _ = layout.run([grads[i] for i in order])
+        if blocks:
+            cursor, starts = 0, {}
+            for kind, idx in plan:
+                starts[idx[0]] = cursor
+                cursor += blocks[idx[0]].numel() if idx[0] in blocks else (
+                    2 * len(idx) if kind == "other" else (2 + HIST_BINS + 2) * len(idx))
+            for i, b in blocks.items():
+                out[starts[i]:starts[i] + b.numel()] = b
+        return out
 
     def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
         """(name, parameter, kind of the module holding it) for every trainable parameter."""
@@ -708,8 +860,7 @@ class Recorder:
         ps = self._param_tensors()
         return list(torch._foreach_mul([ps[i][1] for i in self._weights(ps)], 1.0))
 
-    @staticmethod
-    def _reduce_params(ps: list[tuple[str, torch.Tensor, str | None]], index: list[int],
+    def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], index: list[int],
                        before: list[torch.Tensor] | None) -> torch.Tensor:
         """For the weights (`index` into `ps`): the sums and sums of squares of the weights, their gradients
         and, given `before` (one copy per weight), their updates. For the other parameters (biases, gains):
@@ -717,14 +868,29 @@ class Recorder:
         weights = set(index)
         others = [i for i in range(len(ps)) if i not in weights]
         w = [ps[i][1] for i in index]
-        g = [_grad_or_zeros(ps[i][1]) for i in index]
-        measured = w + g + (list(torch._foreach_sub(w, before)) if before is not None else [])
-        rest = [ps[i][1] for i in others] + [_grad_or_zeros(ps[i][1]) for i in others]
+        rest = [ps[i][1] for i in others]
+        if _on_cpu(w + rest):  # the kernel, the same slots: sums of what is measured, then all sums of squares
+            xs = [*w, *(t.grad for t in w), *(w if before is not None else []), *rest, *(t.grad for t in rest)]
+            measured = len(xs) - 2 * len(rest)
+            sizes = tuple(t.numel() for t in w + rest)
+            key = ("kernel-params", tuple(index), sizes, before is not None)
+            if key not in self._cache:
+                layout = _Layout()
+                counts = list(sizes[:len(w)]) * (3 if before is not None else 2) + list(sizes[len(w):]) * 2
+                for q, n in enumerate(counts):
+                    layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
+                layout.size = measured + len(xs)
+                self._cache[key] = layout
+            ys = [None] * (2 * len(w)) + list(before) + [None] * (2 * len(rest)) if before is not None else None
+            return self._cache[key].run(xs, ys)[0]
+        g = [_grad_or_zeros(p) for p in w]
+        measured_tensors = w + g + (list(torch._foreach_sub(w, before)) if before is not None else [])
+        rest_tensors = rest + [_grad_or_zeros(p) for p in rest]
         parts = []
-        if measured:  # in float32 whatever the parameters' dtype (half-precision sums would overflow)
-            parts.append(torch.stack([t.sum(dtype=torch.float32) for t in measured]))
-        if measured or rest:
-            parts.append(torch.stack(torch._foreach_powsum(measured + rest, 2, dtype=torch.float32)))
+        if measured_tensors:  # in float32 whatever the parameters' dtype (half-precision sums would overflow)
+            parts.append(torch.stack([t.sum(dtype=torch.float32) for t in measured_tensors]))
+        if measured_tensors or rest_tensors:
+            parts.append(torch.stack(torch._foreach_powsum(measured_tensors + rest_tensors, 2, dtype=torch.float32)))
         return torch.cat(parts)
 
     # -- collecting ----------------------------------------------------------------------------------
@@ -797,7 +963,7 @@ class RawPass:
     weights: list[int]  # the parameters (indices) whose spreads were measured
     updates_measured: bool
     lr: float | None
-    maps: list[tuple[str, torch.Tensor]] | None  # saturation-map cells, still on the device
+    maps: list[tuple[str, torch.Tensor | np.ndarray]] | None  # saturation-map cells (on the device: tensors)
     finite_flags: list[str]
     grad_flags: list[str]
     consumers: dict[str, str]
@@ -886,7 +1052,7 @@ class RawPass:
             by_name = {lay.name: lay for lay in layers}
             for name, cells in self.maps:
                 if name in by_name:
-                    by_name[name].sat_map = cells.cpu().numpy()
+                    by_name[name].sat_map = cells if isinstance(cells, np.ndarray) else cells.cpu().numpy()
         return result
 
 

@@ -1,0 +1,259 @@
+/* The statistics of a sampled pass on the CPU, one pass over each tensor.
+ *
+ * probes.py reduces recorded outputs, gradients and weights with torch ops. On the CPU each of those
+ * ops costs microseconds of dispatch however small its tensor, and a sampled step of a small network
+ * needs a hundred of them; this function computes the same numbers, written at the same places of the
+ * same float32 buffer, in one call. probes.py describes the work as an array of `item_t` (one per
+ * tensor, a numpy structured array of the same layout) and falls back to torch ops where this module
+ * was not built or the tensors are not on the CPU.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4 };
+
+typedef struct {
+    int64_t x;                   /* address of the float32 values; 0: all zeros (a missing gradient) */
+    int64_t y;                   /* address subtracted element-wise (a weight's copy before the step); 0: none */
+    int64_t outer, units, inner; /* value (o, u, i) at (o * units + u) * inner + i; an example is (o, i) */
+    int64_t mode;                /* what is measured beyond the sum and the sum of squares */
+    int64_t o_sum, o_sq;         /* where the results go in `out` (float32 slots); -1: not wanted */
+    int64_t o_flag, o_hist, o_alive;
+    int64_t cells;               /* address of a map_rows x map_units bool map; 0: none */
+    int64_t map_rows, map_units;
+    int64_t numel;               /* outer * units * inner (checked on the Python side) */
+    double lo, hi;               /* histogram range (GRAD: in units of the tensor's own std) */
+} item_t;
+
+typedef struct {
+    int64_t bins;
+    float saturation_cut, dead_cut;
+} config_t;
+
+#define BLOCK 2048 /* values summed in float32 lanes before the partial sum is added in double */
+
+static void moments(const item_t *it, int64_t n, double *sum, double *sq) {
+    const float *x = (const float *)(intptr_t)it->x;
+    const float *y = (const float *)(intptr_t)it->y;
+    double a = 0.0, b = 0.0;
+    for (int64_t start = 0; x != NULL && start < n; start += BLOCK) {
+        const int64_t end = n - start < BLOCK ? n : start + BLOCK;
+        float fa = 0.0f, fb = 0.0f;
+        if (y != NULL) {
+#pragma omp simd reduction(+ : fa, fb)
+            for (int64_t i = start; i < end; i++) {
+                const float v = x[i] - y[i]; /* the update, w - before, in float32 as torch computes it */
+                fa += v;
+                fb += v * v;
+            }
+        } else {
+#pragma omp simd reduction(+ : fa, fb)
+            for (int64_t i = start; i < end; i++) {
+                fa += x[i];
+                fb += x[i] * x[i];
+            }
+        }
+        a += fa;
+        b += fb;
+    }
+    *sum = a;
+    *sq = b;
+}
+
+/* Histogram counts of x, bins + 2 of them (under- and overflow first and last), each value's bin computed
+ * in float32 exactly as probes._histograms does with torch ops: u = v * scale + offset, NaN to the
+ * underflow, clamped to [0, top], truncated. Bins are worked out a block at a time (vectorised), then
+ * counted into four tables in turn, so that runs of one bin do not wait on each other. */
+static void histogram(const float *x, int64_t n, float scale, float offset, float top, int64_t bins,
+                      int64_t *counts, int32_t *buf) {
+    int64_t *table[4];
+    for (int k = 0; k < 4; k++) table[k] = counts + k * (bins + 2);
+    memset(counts, 0, sizeof(int64_t) * (size_t)(4 * (bins + 2)));
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        const float *v = x + start;
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) {
+            float u = v[i] * scale;
+            u = u + offset;
+            u = u > 0.0f ? u : 0.0f; /* NaN fails the test: underflow */
+            u = u < top ? u : top;
+            buf[i] = (int32_t)u;
+        }
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) {
+            table[0][buf[i]]++;
+            table[1][buf[i + 1]]++;
+            table[2][buf[i + 2]]++;
+            table[3][buf[i + 3]]++;
+        }
+        for (; i < m; i++) table[0][buf[i]]++;
+    }
+    for (int64_t b = 0; b < bins + 2; b++) counts[b] += table[1][b] + table[2][b] + table[3][b];
+}
+
+/* One example's row of a tanh-like layer: saturated count, alive flags, and (cells given) its map row. */
+static inline int32_t bounded_row(const float *row, int64_t units, const int sigmoid, float sat, float dead,
+                                  uint8_t *alive, uint8_t *cells, int64_t map_units) {
+    int32_t hits = 0;
+    if (cells != NULL && map_units == units) {
+#pragma omp simd reduction(+ : hits)
+        for (int64_t u = 0; u < units; u++) {
+            const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+            const uint8_t past = t > dead;
+            hits += t > sat;
+            alive[u] |= !past; /* NaN counts as alive: it cannot be dead */
+            cells[u] = past;
+        }
+        return hits;
+    }
+#pragma omp simd reduction(+ : hits)
+    for (int64_t u = 0; u < units; u++) {
+        const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+        hits += t > sat;
+        alive[u] |= !(t > dead);
+    }
+    for (int64_t u = 0; cells != NULL && u < map_units; u++) {
+        const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+        cells[u] = t > dead;
+    }
+    return hits;
+}
+
+/* Saturated (tanh-like: |t| > cut) or inactive (ReLU: x <= 0) outputs, which units are "alive" (some
+ * example neither saturated past the dead cut nor inactive) and the saturation map's cells. */
+static int64_t activity(const item_t *it, const config_t *cfg, uint8_t *alive) {
+    const float *x = (const float *)(intptr_t)it->x;
+    uint8_t *cells = (uint8_t *)(intptr_t)it->cells;
+    const int relu = it->mode == RELU, sigmoid = it->mode == SIGMOID;
+    const float sat = cfg->saturation_cut, dead = cfg->dead_cut;
+    const int64_t units = it->units, inner = it->inner;
+    int64_t flagged = 0;
+    memset(alive, 0, (size_t)units);
+    if (inner == 1) { /* (examples, units), the usual case: whole rows at a time */
+        for (int64_t o = 0; o < it->outer; o++) {
+            const float *row = x + o * units;
+            int32_t hits = 0;
+            if (relu) {
+#pragma omp simd reduction(+ : hits)
+                for (int64_t u = 0; u < units; u++) {
+                    hits += row[u] <= 0.0f;
+                    alive[u] |= row[u] > 0.0f;
+                }
+            } else if (sigmoid) {
+                hits = bounded_row(row, units, 1, sat, dead, alive,
+                                   cells != NULL && o < it->map_rows ? cells + o * it->map_units : NULL,
+                                   it->map_units);
+            } else {
+                hits = bounded_row(row, units, 0, sat, dead, alive,
+                                   cells != NULL && o < it->map_rows ? cells + o * it->map_units : NULL,
+                                   it->map_units);
+            }
+            flagged += hits;
+        }
+        return flagged;
+    }
+    for (int64_t o = 0; o < it->outer; o++) {
+        for (int64_t u = 0; u < units; u++) {
+            const float *run = x + (o * units + u) * inner;
+            int32_t hits = 0;
+            uint8_t any = 0;
+            if (relu) {
+#pragma omp simd reduction(+ : hits) reduction(| : any)
+                for (int64_t i = 0; i < inner; i++) {
+                    hits += run[i] <= 0.0f;
+                    any |= run[i] > 0.0f;
+                }
+            } else {
+#pragma omp simd reduction(+ : hits) reduction(| : any)
+                for (int64_t i = 0; i < inner; i++) {
+                    const float t = sigmoid ? fabsf(2.0f * run[i] - 1.0f) : fabsf(run[i]);
+                    hits += t > sat;
+                    any |= !(t > dead); /* NaN counts as alive: it cannot be dead */
+                }
+                if (cells != NULL && u < it->map_units) {
+                    for (int64_t i = 0; i < inner && o * inner + i < it->map_rows; i++) {
+                        const float t = sigmoid ? fabsf(2.0f * run[i] - 1.0f) : fabsf(run[i]);
+                        cells[(o * inner + i) * it->map_units + u] = t > dead;
+                    }
+                }
+            }
+            flagged += hits;
+            alive[u] |= any;
+        }
+    }
+    return flagged;
+}
+
+static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_t *counts, int32_t *buf) {
+    const int64_t n = it->outer * it->units * it->inner;
+    const int64_t bins = cfg->bins;
+    const float *x = (const float *)(intptr_t)it->x;
+    double sum, sq;
+    moments(it, n, &sum, &sq);
+    if (it->o_sum >= 0) out[it->o_sum] = (float)sum;
+    if (it->o_sq >= 0) out[it->o_sq] = (float)sq;
+    if (it->mode == MOMENTS || x == NULL) return 0;
+
+    const double width = (double)bins / (it->hi - it->lo);
+    const float offset = (float)(1.0 - it->lo * width);
+    if (it->mode == GRAD) {
+        /* in units of the gradient's own std, from its float32 sums as torch computes it */
+        const float total = (float)sum, squares = (float)sq;
+        float var = (squares - total * total / (float)n) / (float)(n > 1 ? n - 1 : 1);
+        if (var < 1e-30f) var = 1e-30f; /* NaN stays NaN: every value then lands in the underflow */
+        histogram(x, n, (float)width / sqrtf(var), offset, (float)(bins + 1), bins, counts, buf);
+    } else {
+        const int bounded = it->mode == TANH || it->mode == SIGMOID;
+        histogram(x, n, (float)width, offset, (float)(bounded ? bins : bins + 1), bins, counts, buf);
+        uint8_t *alive = malloc((size_t)it->units);
+        if (alive == NULL) return -1;
+        out[it->o_flag] = (float)activity(it, cfg, alive);
+        for (int64_t u = 0; u < it->units; u++) out[it->o_alive + u] = (float)alive[u];
+        free(alive);
+    }
+    for (int64_t b = 0; b < bins + 2; b++) out[it->o_hist + b] = (float)counts[b];
+    return 0;
+}
+
+/* reduce(items_address, count, out_address, bins, saturation_cut, dead_cut) */
+static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "reduce(items, count, out, bins, saturation_cut, dead_cut)");
+        return NULL;
+    }
+    const item_t *items = (const item_t *)(intptr_t)PyLong_AsLongLong(args[0]);
+    const int64_t count = PyLong_AsLongLong(args[1]);
+    float *out = (float *)(intptr_t)PyLong_AsLongLong(args[2]);
+    config_t cfg = {PyLong_AsLongLong(args[3]), (float)PyFloat_AsDouble(args[4]), (float)PyFloat_AsDouble(args[5])};
+    if (PyErr_Occurred()) return NULL;
+    if (cfg.bins < 1 || count < 0) {
+        PyErr_SetString(PyExc_ValueError, "reduce: bins must be positive and count not negative");
+        return NULL;
+    }
+    int64_t *counts = malloc(sizeof(int64_t) * (size_t)(4 * (cfg.bins + 2)));
+    int32_t *buf = malloc(sizeof(int32_t) * BLOCK);
+    int failed = counts == NULL || buf == NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t k = 0; k < count && !failed; k++) failed = reduce_item(&items[k], &cfg, out, counts, buf);
+    Py_END_ALLOW_THREADS
+    free(counts);
+    free(buf);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
+     "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
