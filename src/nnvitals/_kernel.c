@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4 };
+enum { MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4, COPY = 5 /* the values themselves, at o_sum */ };
 
 typedef struct {
     int64_t x;                   /* address of the float32 values; 0: all zeros (a missing gradient) */
@@ -193,6 +193,10 @@ static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_
     const int64_t n = it->outer * it->units * it->inner;
     const int64_t bins = cfg->bins;
     const float *x = (const float *)(intptr_t)it->x;
+    if (it->mode == COPY) {
+        if (x != NULL) memcpy(out + it->o_sum, x, sizeof(float) * (size_t)n);
+        return 0;
+    }
     double sum, sq;
     moments(it, n, &sum, &sq);
     if (it->o_sum >= 0) out[it->o_sum] = (float)sum;
@@ -220,21 +224,43 @@ static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_
     return 0;
 }
 
-/* reduce(items_address, count, out_address, bins, saturation_cut, dead_cut) */
+/* Whether an item's slots lie inside a block of `size` floats: a layout bug must raise, not write past it. */
+static int fits(const item_t *it, int64_t size, int64_t bins) {
+    const int64_t n = it->outer * it->units * it->inner;
+    if (it->mode < MOMENTS || it->mode > COPY || it->outer < 0 || it->units < 0 || it->inner < 0 || n != it->numel)
+        return 0;
+    if (it->mode == COPY) return it->o_sum >= 0 && it->o_sum + n <= size;
+    if (it->o_sum >= size || it->o_sq >= size) return 0;
+    if (it->mode == MOMENTS) return 1;
+    if (it->o_hist < 0 || it->o_hist + bins + 2 > size) return 0;
+    if (it->mode == GRAD) return 1;
+    return it->o_flag >= 0 && it->o_flag < size && it->o_alive >= 0 && it->o_alive + it->units <= size &&
+           it->map_rows >= 0 && it->map_units >= 0 && it->map_units <= it->units;
+}
+
+/* reduce(items_address, count, out_address, out_size, bins, saturation_cut, dead_cut) */
 static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "reduce(items, count, out, bins, saturation_cut, dead_cut)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "reduce(items, count, out, size, bins, saturation_cut, dead_cut)");
         return NULL;
     }
     const item_t *items = (const item_t *)(intptr_t)PyLong_AsLongLong(args[0]);
     const int64_t count = PyLong_AsLongLong(args[1]);
     float *out = (float *)(intptr_t)PyLong_AsLongLong(args[2]);
-    config_t cfg = {PyLong_AsLongLong(args[3]), (float)PyFloat_AsDouble(args[4]), (float)PyFloat_AsDouble(args[5])};
+    const int64_t size = PyLong_AsLongLong(args[3]);
+    config_t cfg = {PyLong_AsLongLong(args[4]), (float)PyFloat_AsDouble(args[5]), (float)PyFloat_AsDouble(args[6])};
     if (PyErr_Occurred()) return NULL;
     if (cfg.bins < 1 || count < 0) {
         PyErr_SetString(PyExc_ValueError, "reduce: bins must be positive and count not negative");
         return NULL;
+    }
+    for (int64_t k = 0; k < count; k++) {
+        if (!fits(&items[k], size, cfg.bins)) {
+            PyErr_Format(PyExc_ValueError, "reduce: item %lld does not fit a block of %lld values", (long long)k,
+                         (long long)size);
+            return NULL;
+        }
     }
     int64_t *counts = malloc(sizeof(int64_t) * (size_t)(4 * (cfg.bins + 2)));
     int32_t *buf = malloc(sizeof(int32_t) * BLOCK);
@@ -256,4 +282,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+/* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
+#define KERNEL_VERSION 2
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -25,13 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
+KERNEL_VERSION = 2  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
+
+    if getattr(_kernel, "VERSION", None) != KERNEL_VERSION:
+        _kernel = None
 except ImportError:  # pragma: no cover - depends on the install
     _kernel = None
 
@@ -223,6 +228,9 @@ class _Spec:
     unit_dim: int
     input_from: str | None
     feeding: list[str]
+    # Whether the output must be copied when recorded: learned on the first pass, which copies it and then sees
+    # whether anything changed it in place before it was reduced (an in-place ReLU after a Linear does).
+    copy: bool = True
 
 
 def world_size() -> int:
@@ -315,7 +323,7 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
 _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "mode", "o_sum", "o_sq", "o_flag",
                                           "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
                  + [("lo", np.float64), ("hi", np.float64)])
-_MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4}
+_MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5}
 
 
 class _Layout:
@@ -329,6 +337,7 @@ class _Layout:
         self.maps: list[tuple[int, int, int, int]] = []  # (item, first cell, rows, units) of saturation maps
         self.cells = 0  # saturation-map cells in all
         self._items: np.ndarray | None = None
+        self._out: torch.Tensor | None = None
 
     def add(self, count: int, *, mode: str = "other", o_sum: int = -1, o_sq: int = -1,
             shape: tuple[int, int, int] | None = None, o_flag: int = -1, o_hist: int = -1, o_alive: int = -1,
@@ -343,10 +352,11 @@ class _Layout:
                               o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
                               numel=count, lo=hist_range[0], hi=hist_range[1]))
 
-    def run(self, xs: Sequence[torch.Tensor | None], ys: Sequence[torch.Tensor | None] | None = None
-            ) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def run(self, xs: Sequence[torch.Tensor | None], ys: Sequence[torch.Tensor | None] | None = None, *,
+            reuse: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
         """The block for these tensors (one per row, in order; None: zeros) and, `ys` given, minus those;
-        plus the saturation maps the rows asked for."""
+        plus the saturation maps the rows asked for. `reuse`: write into the block of the previous call (whose
+        contents the caller no longer needs), sparing a large allocation."""
         if self._items is None:
             self._items = np.zeros(len(self.rows), _ITEM)
             for key in self.rows[0] if self.rows else ():
@@ -360,9 +370,10 @@ class _Layout:
         cells = np.empty(self.cells, dtype=np.bool_)
         for item, start, _, _ in self.maps:
             items["cells"][item] = cells.ctypes.data + start
-        out = torch.empty(self.size)
+        out = self._out if reuse and self._out is not None else torch.empty(self.size)
+        self._out = out if reuse else None
         assert _kernel is not None
-        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), HIST_BINS, SATURATION_CUT, DEAD_CUT)
+        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), self.size, HIST_BINS, SATURATION_CUT, DEAD_CUT)
         return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
@@ -537,20 +548,34 @@ class Recorder:
         if self.attached:
             return
         # Which hooks go where is worked out on the first attach and kept (a Monitor attaches every sample).
+        # Two process-wide module hooks hand each call to the watched module's own hook: registering them
+        # costs a few microseconds where a hook per module cost a hundred.
         track_stack = self.functions or self.trace_all
-        plan = self._cache.get(("attach", track_stack))
-        if plan is None:
-            plan = []
+        key = ("attach", track_stack)
+        if key not in self._cache:
+            table: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+            pushed: dict[int, nn.Module] = {}
             for name, module in self.model.named_modules():
                 kind = module_kind(module)
-                push = track_stack and module is not self.model
-                if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or push:
-                    plan.append((module, push, self._make_hook(name, kind, module)))
-            self._cache[("attach", track_stack)] = plan
-        for module, push, hook in plan:
-            if push:
-                self._handles.append(module.register_forward_pre_hook(self._push))
-            self._handles.append(module.register_forward_hook(hook, always_call=True))
+                if track_stack and module is not self.model:
+                    pushed[id(module)] = module
+                if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or id(module) in pushed:
+                    table[id(module)] = (module, self._make_hook(name, kind, module))
+            self._cache[key] = table, pushed
+        table, pushed = self._cache[key]
+
+        def after(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            entry = table.get(id(module))
+            if entry is not None and entry[0] is module:
+                entry[1](module, args, out)
+
+        def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if pushed.get(id(module)) is module:
+                self._stack.append(module)
+
+        if pushed:
+            self._handles.append(register_module_forward_pre_hook(before))
+        self._handles.append(register_module_forward_hook(after, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
@@ -570,6 +595,10 @@ class Recorder:
     def _reset(self) -> None:
         self._specs: list[_Spec] = []
         self._outs: list[torch.Tensor] = []
+        # beside each buffered output that autograd does not protect: (spec index, the output, its version,
+        # whether a copy was buffered), to check at reduction time that an uncopied one is still as it was
+        self._unprotected: list[tuple[int, torch.Tensor, int, bool]] = []
+        self._stale: set[int] = set()  # outputs changed in place before they were reduced: no numbers
         self._pending = 0
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunk_layouts: list[list[_Spec]] = []
@@ -621,9 +650,6 @@ class Recorder:
                 self._output_params = self._cache[key]
             if self.trace_all:
                 self._finite_flags.append(("", torch.ones((), dtype=torch.bool), torch.isfinite(out).all()))
-
-    def _push(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(module)
 
     def _make_hook(self, name: str, kind: str | None, watched: nn.Module) -> Callable[..., None]:
         # what does not change from call to call, worked out once (a sampled step calls every hook)
@@ -727,11 +753,16 @@ class Recorder:
         index = len(self._specs)
         self._specs.append(spec)
         # An activation's output is saved for its own backward, so autograd already forbids changing it
-        # in place; any other output (a Linear's before an in-place ReLU) is copied as it is now, or, when
-        # large, reduced right away (below).
+        # in place; any other output is reduced right away when large (below), else copied as it is now if the
+        # layer's output has been seen changed in place (a Linear's before an in-place ReLU) or has not been
+        # seen yet, and checked for changes when it is reduced.
         protected = kind in ACTIVATIONS
         reduce_now = not protected and numel >= STACK_LIMIT
-        self._outs.append(out.detach() if protected or reduce_now else out.detach().clone())
+        if protected or reduce_now:
+            self._outs.append(out.detach())
+        else:
+            self._unprotected.append((index, out, out._version, spec.copy))
+            self._outs.append(out.detach().clone() if spec.copy else out.detach())
         self._producers[id(out)] = (out, name, module)
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
@@ -754,6 +785,12 @@ class Recorder:
             return
         start = sum(len(c) for c in self._chunk_layouts)
         specs = self._specs[start:start + len(self._outs)]
+        for index, out, version, copied in self._unprotected:
+            changed = out._version != version
+            if not copied and changed:  # its numbers would be those of whatever changed it: none this time
+                self._stale.add(index)
+            self._specs[index].copy = changed
+        self._unprotected = []
         self._partials.append(self._reduce_outputs(specs, self._outs))
         self._chunk_layouts.append(specs)
         self._outs = []
@@ -858,7 +895,19 @@ class Recorder:
     def snapshot_params(self) -> list[torch.Tensor]:
         """Copies of the weights, to measure the next update against."""
         ps = self._param_tensors()
-        return list(torch._foreach_mul([ps[i][1] for i in self._weights(ps)], 1.0))
+        weights = [ps[i][1] for i in self._weights(ps)]
+        if not _on_cpu(weights):
+            return list(torch._foreach_mul(weights, 1.0))
+        sizes = tuple(w.numel() for w in weights)  # all copied into one block by the kernel, in one call
+        key = ("kernel-copy", sizes)
+        if key not in self._cache:
+            layout = _Layout()
+            for start, n in zip(np.cumsum((0, *sizes[:-1])).tolist(), sizes, strict=True):
+                layout.add(n, mode="copy", o_sum=start)
+            layout.size = sum(sizes)
+            self._cache[key] = layout
+        # one snapshot lives at a time (collect uses it, the next sample replaces it): its block is reused
+        return list(self._cache[key].run(weights, reuse=True)[0].split(sizes))
 
     def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], index: list[int],
                        before: list[torch.Tensor] | None) -> torch.Tensor:
@@ -944,7 +993,7 @@ class Recorder:
             weights=weights, updates_measured=before is not None, lr=lr,
             maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
             grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
-            inputs_checked=self._inputs_finite is not None, world=world,
+            inputs_checked=self._inputs_finite is not None, world=world, stale=set(self._stale),
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
                            list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm)),
         )
@@ -969,6 +1018,7 @@ class RawPass:
     consumers: dict[str, str]
     inputs_checked: bool
     world: int  # processes whose statistics were added together (1 outside torch.distributed)
+    stale: set[int]  # layers (indices in pass order) changed in place before they were measured: left out
     base: PassStats  # the fields known without reading `host`
     _stats: PassStats | None = None
 
@@ -1035,6 +1085,8 @@ class RawPass:
                                          not math.isfinite(w_check), has_grad and not math.isfinite(g_check),
                                          ratio))
         flag_values = host[cursor:]
+        if self.stale:
+            layers = [lay for i, lay in enumerate(layers) if i not in self.stale]
         result = dataclasses.replace(self.base, layers=layers, params=params)
         k = 0
         for name in self.finite_flags:

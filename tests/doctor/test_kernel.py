@@ -18,6 +18,19 @@ def test_the_kernel_is_built():
     assert probes._kernel is not None
 
 
+def test_a_layout_that_does_not_fit_its_block_is_refused():
+    layout = probes._Layout()
+    alive = 3 + probes.HIST_BINS + 2  # after the histogram's slots
+    layout.add(10, mode="tanh", o_sum=0, o_sq=1, shape=(2, 5, 1), o_flag=2, o_hist=3, o_alive=alive,
+               hist_range=(-1.0, 1.0))
+    layout.size = alive + 4  # the 5 alive flags would run past it
+    with pytest.raises(ValueError, match="does not fit"):
+        layout.run([torch.zeros(2, 5)])
+    layout.size = alive + 5
+    block, _ = layout.run([torch.zeros(2, 5)])
+    assert block[alive:].tolist() == [1.0] * 5  # zeros: not saturated, so every unit is alive
+
+
 def _passes(make_model, x, y, *, kernel: bool, monkeypatch, steps: int = 2):
     monkeypatch.setattr(probes, "_kernel", probes._kernel if kernel else None)
     torch.manual_seed(0)

@@ -57,6 +57,8 @@ def test_monitor_detaches_between_samples_and_after():
     model, _ = train(EXAMPLES["deep-tanh-batchnorm"], 5, monitor_every=100)
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
+    assert not torch.nn.modules.module._global_forward_hooks  # the process-wide ones that hand calls on
+    assert not torch.nn.modules.module._global_forward_pre_hooks
 
 
 def test_every_step_keeps_watching_activation_functions_and_only_them():
@@ -246,3 +248,43 @@ def test_pause_records_nothing_and_seek_renumbers_the_next_step():
         mon.seek(4)
         run(1, model, opt, g, data, targets, mon)  # recorded as step 4
     assert [row["step"] for row in mon.history] == [4] and mon.steps == 5
+
+
+class _InPlaceAfter(nn.Module):
+    """BatchNorm feeding an in-place ReLU, and a Linear whose output is changed in place only when `late`."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(27, 8)
+        self.lin = nn.Linear(24, 32)
+        self.bn = nn.BatchNorm1d(32, affine=False)  # its output: mean 0 exactly, whatever the training
+        self.act = nn.ReLU(inplace=True)
+        self.out = nn.Linear(32, 27)
+        self.late = False
+
+    def forward(self, x):
+        h = self.lin(self.emb(x).flatten(1))
+        if self.late:
+            h.mul_(3.0)
+        return self.out(self.act(self.bn(h)))
+
+
+def test_outputs_changed_in_place_are_measured_as_their_layer_made_them():
+    model = _InPlaceAfter()
+    g = torch.Generator().manual_seed(3)
+    data, targets = torch.randint(0, 27, (512, 3), generator=g), torch.randint(0, 27, (512,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with nnvitals.Monitor(model, every=1) as mon:
+        run(4, model, opt, g, data, targets, mon)
+        model.late = True  # from now on `lin`'s output is changed after its hook saw it
+        run(3, model, opt, g, data, targets, mon)
+    rows = mon.history
+    # BatchNorm's output (normalised: mean 0 per unit) is measured before the ReLU zeroes its negative half
+    # (after it, the mean would be about 0.4), on the first pass, which copies it, and on every one after
+    assert all(abs(row["layers"]["bn"]["mean"]) < 1e-4 for row in rows)
+    # `lin`, uncopied once the first pass saw nothing change it, is left out of the one pass where it was
+    # changed unseen, then copied again and measured as the layer made it
+    assert [("lin" in row["layers"]) for row in rows] == [True] * 4 + [False, True, True]
+    ix = torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(0))
+    assert rows[-1]["layers"]["lin"]["std"] == pytest.approx(
+        model.lin(model.emb(data[ix]).flatten(1)).std().item(), rel=0.5)  # not three times it
