@@ -23,7 +23,7 @@ typedef struct {
     int64_t mode;                /* what is measured beyond the sum and the sum of squares */
     int64_t o_sum, o_sq;         /* where the results go in `out` (float32 slots); -1: not wanted */
     int64_t o_flag, o_hist, o_alive;
-    int64_t cells;               /* address of a map_rows x map_units bool map; 0: none */
+    int64_t cells;               /* offset of a map_rows x map_units bool map in `cells`; -1: none */
     int64_t map_rows, map_units;
     int64_t numel;               /* outer * units * inner (checked on the Python side) */
     double lo, hi;               /* histogram range (GRAD: in units of the tensor's own std) */
@@ -32,6 +32,7 @@ typedef struct {
 typedef struct {
     int64_t bins;
     float saturation_cut, dead_cut;
+    uint8_t *cells; /* the saturation maps' cells */
 } config_t;
 
 #define BLOCK 2048 /* values summed in float32 lanes before the partial sum is added in double */
@@ -128,7 +129,7 @@ static inline int32_t bounded_row(const float *row, int64_t units, const int sig
  * example neither saturated past the dead cut nor inactive) and the saturation map's cells. */
 static int64_t activity(const item_t *it, const config_t *cfg, uint8_t *alive) {
     const float *x = (const float *)(intptr_t)it->x;
-    uint8_t *cells = (uint8_t *)(intptr_t)it->cells;
+    uint8_t *cells = it->cells >= 0 ? cfg->cells + it->cells : NULL;
     const int relu = it->mode == RELU, sigmoid = it->mode == SIGMOID;
     const float sat = cfg->saturation_cut, dead = cfg->dead_cut;
     const int64_t units = it->units, inner = it->inner;
@@ -225,7 +226,7 @@ static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_
 }
 
 /* Whether an item's slots lie inside a block of `size` floats: a layout bug must raise, not write past it. */
-static int fits(const item_t *it, int64_t size, int64_t bins) {
+static int fits(const item_t *it, int64_t size, int64_t bins, int64_t cells) {
     const int64_t n = it->outer * it->units * it->inner;
     if (it->mode < MOMENTS || it->mode > COPY || it->outer < 0 || it->units < 0 || it->inner < 0 || n != it->numel)
         return 0;
@@ -234,29 +235,35 @@ static int fits(const item_t *it, int64_t size, int64_t bins) {
     if (it->mode == MOMENTS) return 1;
     if (it->o_hist < 0 || it->o_hist + bins + 2 > size) return 0;
     if (it->mode == GRAD) return 1;
-    return it->o_flag >= 0 && it->o_flag < size && it->o_alive >= 0 && it->o_alive + it->units <= size &&
-           it->map_rows >= 0 && it->map_units >= 0 && it->map_units <= it->units;
+    if (it->cells >= 0 && !(it->map_rows >= 0 && it->map_units >= 0 && it->map_units <= it->units &&
+                            it->cells + it->map_rows * it->map_units <= cells))
+        return 0;
+    return it->o_flag >= 0 && it->o_flag < size && it->o_alive >= 0 && it->o_alive + it->units <= size;
 }
 
-/* reduce(items_address, count, out_address, out_size, bins, saturation_cut, dead_cut) */
+/* reduce(items_address, count, out_address, out_size, cells_address, cells_size, bins, saturation_cut,
+ *        dead_cut) */
 static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "reduce(items, count, out, size, bins, saturation_cut, dead_cut)");
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "reduce(items, count, out, size, cells, cells_size, bins, saturation_cut, dead_cut)");
         return NULL;
     }
     const item_t *items = (const item_t *)(intptr_t)PyLong_AsLongLong(args[0]);
     const int64_t count = PyLong_AsLongLong(args[1]);
     float *out = (float *)(intptr_t)PyLong_AsLongLong(args[2]);
     const int64_t size = PyLong_AsLongLong(args[3]);
-    config_t cfg = {PyLong_AsLongLong(args[4]), (float)PyFloat_AsDouble(args[5]), (float)PyFloat_AsDouble(args[6])};
+    const int64_t cells = PyLong_AsLongLong(args[5]);
+    config_t cfg = {PyLong_AsLongLong(args[6]), (float)PyFloat_AsDouble(args[7]), (float)PyFloat_AsDouble(args[8]),
+                    (uint8_t *)(intptr_t)PyLong_AsLongLong(args[4])};
     if (PyErr_Occurred()) return NULL;
     if (cfg.bins < 1 || count < 0) {
         PyErr_SetString(PyExc_ValueError, "reduce: bins must be positive and count not negative");
         return NULL;
     }
     for (int64_t k = 0; k < count; k++) {
-        if (!fits(&items[k], size, cfg.bins)) {
+        if (!fits(&items[k], size, cfg.bins, cells)) {
             PyErr_Format(PyExc_ValueError, "reduce: item %lld does not fit a block of %lld values", (long long)k,
                          (long long)size);
             return NULL;
@@ -283,7 +290,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 2
+#define KERNEL_VERSION 3
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     PyObject *m = PyModule_Create(&module);

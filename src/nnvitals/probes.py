@@ -1,13 +1,15 @@
 """What is measured: hooks that record per-layer statistics of one training pass, on the device.
 
-A `Recorder` attaches forward hooks to the layers worth watching (linear, normalisation, embedding and
-activation modules) and, through a `TorchFunctionMode`, to activations called as functions inside a
-`forward` (`torch.tanh(x)`, `F.relu(x)`). A hook only keeps the layer's output (a copy, unless autograd
-already forbids changing it in place) and, in backward, the gradient arriving at it. `collect()` then
-stacks the small outputs of the same kind and shape and reduces each stack in a few ops (moments,
-saturation, dead units, histograms), so the cost hardly grows with depth, and moves everything to the
-host in one transfer; large layers (STACK_LIMIT values and more) are reduced one by one, as they come,
-since for them a copy costs more than an op. Reading those numbers into `PassStats` waits until
+A `Recorder` watches the layers worth watching (linear, normalisation, embedding and activation modules)
+through one process-wide module forward hook that hands each call to that layer's own hook, and, through a
+`TorchFunctionMode`, activations called as functions inside a `forward` (`torch.tanh(x)`, `F.relu(x)`).
+A hook only keeps the layer's output (a copy where something has been seen changing it in place) and,
+in backward, the gradient arriving at it. `collect()` then reduces everything (moments, saturation, dead
+units, histograms) and moves it to the host in one transfer. On the CPU the compiled kernel
+(`_kernel.c`) does that in one call per block, one pass per tensor; elsewhere the small outputs of the
+same kind and shape are stacked and each stack reduced in a few torch ops, so the cost hardly grows with
+depth. On either path large layers (STACK_LIMIT values and more) are reduced one by one, as they come, and
+both write the same numbers at the same places of one float32 buffer. Reading them into `PassStats` waits until
 somebody asks (`RawPass.stats()`).
 """
 
@@ -31,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 2  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 3  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -233,6 +235,40 @@ class _Spec:
     copy: bool = True
 
 
+@dataclass
+class _Trainable:
+    """The trainable parameters as a pass sees them: worked out once, kept while they stay the same."""
+
+    ps: list[tuple[str, torch.Tensor, str | None]]  # (name, parameter, kind of the module holding it)
+    weights: list[int]  # indices into `ps` of the weights, parameters of 2 dimensions or more
+    on_cpu: bool  # all in host memory, where the kernel can take them
+    layouts: dict[str, _Layout] = field(default_factory=dict)  # the kernel's, built when first needed
+
+    def __post_init__(self) -> None:
+        weights = set(self.weights)
+        self.described = [(n, tuple(p.shape), kind) for n, p, kind in self.ps]  # what RawPass needs of them
+        self.w = [self.ps[i][1] for i in self.weights]  # the weights
+        self.rest = [p for i, (_, p, _) in enumerate(self.ps) if i not in weights]  # biases, gains
+    def layout(self, what: str) -> _Layout:
+        """The kernel's items for the weights' copy ("copy") or the parameters' statistics ("params",
+        "params+updates"), in the slots `_reduce_params` writes with torch ops."""
+        if what not in self.layouts:
+            w_sizes, rest_sizes = [t.numel() for t in self.w], [t.numel() for t in self.rest]
+            layout = _Layout()
+            if what == "copy":
+                for start, n in zip(np.cumsum([0, *w_sizes[:-1]]).tolist(), w_sizes, strict=True):
+                    layout.add(n, mode="copy", o_sum=start)
+                layout.size = sum(w_sizes)
+            else:  # sums of what is measured, then the sums of squares of everything
+                counts = w_sizes * (3 if what == "params+updates" else 2) + rest_sizes * 2
+                measured = len(counts) - 2 * len(rest_sizes)
+                for q, n in enumerate(counts):
+                    layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
+                layout.size = measured + len(counts)
+            self.layouts[what] = layout
+        return self.layouts[what]
+
+
 def world_size() -> int:
     """How many processes train together (torch.distributed), 1 when alone."""
     dist = torch.distributed
@@ -344,13 +380,15 @@ class _Layout:
             hist_range: tuple[float, float] = (0.0, 1.0), saturation_map: bool = False) -> None:
         outer, units, inner = shape or (count, 1, 1)
         rows = units_kept = 0
+        cells = -1
         if saturation_map:
             rows, units_kept = min(outer * inner, MAP_ROWS), min(units, MAP_UNITS)
             self.maps.append((len(self.rows), self.cells, rows, units_kept))
+            cells = self.cells
             self.cells += rows * units_kept
         self.rows.append(dict(outer=outer, units=units, inner=inner, mode=_MODE[mode], o_sum=o_sum, o_sq=o_sq,
                               o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
-                              numel=count, lo=hist_range[0], hi=hist_range[1]))
+                              numel=count, lo=hist_range[0], hi=hist_range[1], cells=cells))
 
     def run(self, xs: Sequence[torch.Tensor | None], ys: Sequence[torch.Tensor | None] | None = None, *,
             reuse: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
@@ -368,12 +406,11 @@ class _Layout:
         if ys is not None:
             items["y"] = self._addresses(ys, keep)
         cells = np.empty(self.cells, dtype=np.bool_)
-        for item, start, _, _ in self.maps:
-            items["cells"][item] = cells.ctypes.data + start
         out = self._out if reuse and self._out is not None else torch.empty(self.size)
         self._out = out if reuse else None
         assert _kernel is not None
-        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), self.size, HIST_BINS, SATURATION_CUT, DEAD_CUT)
+        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), self.size, cells.ctypes.data, self.cells,
+                       HIST_BINS, SATURATION_CUT, DEAD_CUT)
         return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
@@ -882,56 +919,38 @@ class Recorder:
                 out[starts[i]:starts[i] + b.numel()] = b
         return out
 
-    def _param_tensors(self) -> list[tuple[str, torch.Tensor, str | None]]:
-        """(name, parameter, kind of the module holding it) for every trainable parameter."""
-        return [(n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
-
-    @staticmethod
-    def _weights(ps: list[tuple[str, torch.Tensor, str | None]]) -> list[int]:
-        """Indices (into `ps`, from _param_tensors) of the weights: parameters of 2 dimensions or more."""
-        return [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2]
+    def _trainable(self) -> _Trainable:
+        """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
+        device changes."""
+        key = ("trainable", tuple((p.requires_grad, p.shape, p.is_cpu) for _, p in self._params))
+        if key not in self._cache:
+            ps: list[tuple[str, torch.Tensor, str | None]] = [
+                (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
+            self._cache[key] = _Trainable(ps, [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2],
+                                          _kernel is not None and all(p.is_cpu for _, p, _ in ps))
+        return self._cache[key]
 
     @torch.no_grad()
     def snapshot_params(self) -> list[torch.Tensor]:
         """Copies of the weights, to measure the next update against."""
-        ps = self._param_tensors()
-        weights = [ps[i][1] for i in self._weights(ps)]
-        if not _on_cpu(weights):
-            return list(torch._foreach_mul(weights, 1.0))
-        sizes = tuple(w.numel() for w in weights)  # all copied into one block by the kernel, in one call
-        key = ("kernel-copy", sizes)
-        if key not in self._cache:
-            layout = _Layout()
-            for start, n in zip(np.cumsum((0, *sizes[:-1])).tolist(), sizes, strict=True):
-                layout.add(n, mode="copy", o_sum=start)
-            layout.size = sum(sizes)
-            self._cache[key] = layout
-        # one snapshot lives at a time (collect uses it, the next sample replaces it): its block is reused
-        return list(self._cache[key].run(weights, reuse=True)[0].split(sizes))
+        t = self._trainable()
+        if not t.on_cpu:
+            return list(torch._foreach_mul(t.w, 1.0))
+        # all copied into one block by the kernel, in one call; one snapshot lives at a time (collect uses it,
+        # the next sample replaces it), so the block is reused
+        return list(t.layout("copy").run(t.w, reuse=True)[0].split([w.numel() for w in t.w]))
 
-    def _reduce_params(self, ps: list[tuple[str, torch.Tensor, str | None]], index: list[int],
-                       before: list[torch.Tensor] | None) -> torch.Tensor:
-        """For the weights (`index` into `ps`): the sums and sums of squares of the weights, their gradients
-        and, given `before` (one copy per weight), their updates. For the other parameters (biases, gains):
-        their sums of squares and their gradients', which only tell whether they are finite."""
-        weights = set(index)
-        others = [i for i in range(len(ps)) if i not in weights]
-        w = [ps[i][1] for i in index]
-        rest = [ps[i][1] for i in others]
-        if _on_cpu(w + rest):  # the kernel, the same slots: sums of what is measured, then all sums of squares
-            xs = [*w, *(t.grad for t in w), *(w if before is not None else []), *rest, *(t.grad for t in rest)]
-            measured = len(xs) - 2 * len(rest)
-            sizes = tuple(t.numel() for t in w + rest)
-            key = ("kernel-params", tuple(index), sizes, before is not None)
-            if key not in self._cache:
-                layout = _Layout()
-                counts = list(sizes[:len(w)]) * (3 if before is not None else 2) + list(sizes[len(w):]) * 2
-                for q, n in enumerate(counts):
-                    layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
-                layout.size = measured + len(xs)
-                self._cache[key] = layout
-            ys = [None] * (2 * len(w)) + list(before) + [None] * (2 * len(rest)) if before is not None else None
-            return self._cache[key].run(xs, ys)[0]
+    def _reduce_params(self, t: _Trainable, before: list[torch.Tensor] | None) -> torch.Tensor:
+        """For the weights: the sums and sums of squares of the weights, their gradients and, given `before`
+        (one copy per weight), their updates. For the other parameters (biases, gains): their sums of
+        squares and their gradients', which only tell whether they are finite."""
+        w, rest = t.w, t.rest
+        if t.on_cpu:  # the kernel, in one call
+            xs = [*w, *(p.grad for p in w), *(w if before is not None else []), *rest, *(p.grad for p in rest)]
+            if before is None:
+                return t.layout("params").run(xs)[0]
+            ys = [None] * (2 * len(w)) + list(before) + [None] * (2 * len(rest))
+            return t.layout("params+updates").run(xs, ys)[0]
         g = [_grad_or_zeros(p) for p in w]
         measured_tensors = w + g + (list(torch._foreach_sub(w, before)) if before is not None else [])
         rest_tensors = rest + [_grad_or_zeros(p) for p in rest]
@@ -954,13 +973,19 @@ class Recorder:
         parts = list(self._partials)
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
-        unchanged = {i for i, t, version in self._grad_sources if t._version == version}
-        retained = [(i, t) for i, t, _ in self._grad_sources if t.retains_grad]
-        grads = {i: t.grad for i, t in retained if t.grad is not None and i in unchanged}
-        for _, t in retained:
-            t.grad = None
-        ready = {i: block for i, block in self._grad_blocks.items() if i in unchanged}
-        grad_index = sorted(grads.keys() | ready.keys())
+        grads: dict[int, torch.Tensor] = {}
+        ready: dict[int, torch.Tensor] = {}  # large gradients, reduced as they arrived
+        grad_index: list[int] = []  # in pass order, as _grad_sources is
+        for i, t, version in self._grad_sources:
+            unchanged = t._version == version
+            if t.retains_grad:
+                g, t.grad = t.grad, None
+                if g is not None and unchanged:
+                    grads[i] = g
+                    grad_index.append(i)
+            elif unchanged and i in self._grad_blocks:
+                ready[i] = self._grad_blocks[i]
+                grad_index.append(i)
         if grad_index:
             parts.append(self._reduce_grads([self._specs[i] for i in grad_index],
                                             [grads.get(i) for i in grad_index], [ready.get(i) for i in grad_index]))
@@ -972,12 +997,12 @@ class Recorder:
             packed = torch.cat(parts)
             torch.distributed.all_reduce(packed)
             parts = [packed]
-        ps = self._param_tensors()
-        weights = self._weights(ps)
-        if before is not None and len(before) != len(weights):
+        trainable = self._trainable()
+        ps = trainable.ps
+        if before is not None and len(before) != len(trainable.weights):
             before = None  # the trainable weights changed since the snapshot: no update to measure
         if ps:
-            parts.append(self._reduce_params(ps, weights, before))
+            parts.append(self._reduce_params(trainable, before))
         flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
@@ -989,8 +1014,8 @@ class Recorder:
         raw = RawPass(
             host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
             grads=grad_index,
-            params=[(n, tuple(p.shape), kind, p.grad is not None) for n, p, kind in ps],
-            weights=weights, updates_measured=before is not None, lr=lr,
+            params=trainable.described, has_grad=[p.grad is not None for _, p, _ in ps],
+            weights=trainable.weights, updates_measured=before is not None, lr=lr,
             maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
             grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
             inputs_checked=self._inputs_finite is not None, world=world, stale=set(self._stale),
@@ -1008,7 +1033,8 @@ class RawPass:
     host: np.ndarray
     chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]]
     grads: list[int]  # the layers (indices in pass order) whose output gradient was reduced
-    params: list[tuple[str, tuple[int, ...], str | None, bool]]  # name, shape, module kind, has grad
+    params: list[tuple[str, tuple[int, ...], str | None]]  # name, shape, module kind
+    has_grad: list[bool]  # per parameter
     weights: list[int]  # the parameters (indices) whose spreads were measured
     updates_measured: bool
     lr: float | None
@@ -1069,7 +1095,7 @@ class RawPass:
             others = [i for i in range(len(self.params)) if i not in spread]
             norms = {i: (host[cursor + j], host[cursor + len(others) + j]) for j, i in enumerate(others)}
             cursor += 2 * len(others)
-            for i, (name, shape, module, has_grad) in enumerate(self.params):
+            for i, ((name, shape, module), has_grad) in enumerate(zip(self.params, self.has_grad, strict=True)):
                 measured = spread.get(i)
                 w_std = g_std = ratio = None
                 if measured is not None:
