@@ -173,6 +173,27 @@ def test_update_ratio_is_the_measured_update():
 
 
 
+def test_update_ratios_step_after_step_each_against_its_own_step():
+    # every step sampled: each step's weight copy replaces the last one (the kernel reuses its block)
+    model, x, y = M.healthy_deep_tanh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    expected = []
+    with nnvitals.Monitor(model, every=1) as mon:
+        for _ in range(4):
+            before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2}
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            # the Monitor divides by the spread of the weight as the step left it
+            expected.append({n: torch.log10((p.detach() - before[n]).std() / p.detach().std()).item()
+                             for n, p in model.named_parameters() if p.dim() >= 2})
+    for row, want in zip(mon.history, expected, strict=True):
+        assert {n: row["params"][n]["update_ratio"] for n in want} == pytest.approx(want, abs=1e-3)
+    assert expected[0] != pytest.approx(expected[-1], abs=1e-3)  # momentum: the steps differ
+
+
 def test_a_weight_frozen_between_snapshot_and_step_leaves_the_other_numbers_right():
     """The weights copied before the step no longer match the trainable ones: no update ratio is made up,
     and every weight's and gradient's spread is still its own."""
