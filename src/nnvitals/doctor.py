@@ -19,7 +19,7 @@ from torch import nn
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
 from nnvitals.integrations import tensorboard as tensorboard_output
-from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, is_main_process, world_size
+from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, Snapshot, is_main_process, world_size
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 # The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
@@ -277,7 +277,7 @@ class Monitor:
         self._passes: list[tuple[int, Any, RawPass | PassStats]] = []
         self._recent: collections.deque[RawPass | PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
         self._rows: dict[int, dict[str, Any]] = {}
-        self._before: list[torch.Tensor] | None = None
+        self._before: Snapshot | None = None
         self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False

@@ -265,8 +265,24 @@ class _Trainable:
                 for q, n in enumerate(counts):
                     layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
                 layout.size = measured + len(counts)
+                if what == "params+updates":  # the update rows subtract the weights' copy, at these bytes of it
+                    starts = np.cumsum([0, *w_sizes[:-1]], dtype=np.int64) * 4
+                    layout.y_offsets = np.zeros(len(counts), np.int64)
+                    layout.y_offsets[2 * len(w_sizes):3 * len(w_sizes)] = starts
+                    layout.y_rows = np.zeros(len(counts), np.int64)
+                    layout.y_rows[2 * len(w_sizes):3 * len(w_sizes)] = 1
             self.layouts[what] = layout
         return self.layouts[what]
+
+
+@dataclass
+class Snapshot:
+    """The weights as they were before an optimizer step (`Recorder.snapshot_params`), to measure the update
+    against: one block the kernel copied them into, or (off the CPU) one copy per weight."""
+
+    trainable: _Trainable  # the parameters it was taken of: a different set at collect time means no update
+    block: torch.Tensor | None = None
+    copies: list[torch.Tensor] | None = None
 
 
 def world_size() -> int:
@@ -374,6 +390,9 @@ class _Layout:
         self.cells = 0  # saturation-map cells in all
         self._items: np.ndarray | None = None
         self._out: torch.Tensor | None = None
+        # rows whose `y` lies in one block given to `run` (1 in y_rows), at these byte offsets of it
+        self.y_rows: np.ndarray | None = None
+        self.y_offsets: np.ndarray | None = None
 
     def add(self, count: int, *, mode: str = "other", o_sum: int = -1, o_sq: int = -1,
             shape: tuple[int, int, int] | None = None, o_flag: int = -1, o_hist: int = -1, o_alive: int = -1,
@@ -390,11 +409,12 @@ class _Layout:
                               o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
                               numel=count, lo=hist_range[0], hi=hist_range[1], cells=cells))
 
-    def run(self, xs: Sequence[torch.Tensor | None], ys: Sequence[torch.Tensor | None] | None = None, *,
+    def run(self, xs: Sequence[torch.Tensor | None], y_block: torch.Tensor | None = None, *,
             reuse: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """The block for these tensors (one per row, in order; None: zeros) and, `ys` given, minus those;
-        plus the saturation maps the rows asked for. `reuse`: write into the block of the previous call (whose
-        contents the caller no longer needs), sparing a large allocation."""
+        """The block for these tensors (one per row, in order; None: zeros), minus, for the rows marked in
+        `y_rows`, the values at `y_offsets` of `y_block` (a float32 block); plus the saturation maps the
+        rows asked for. `reuse`: write into the block of the previous call (whose contents the caller no
+        longer needs), sparing a large allocation."""
         if self._items is None:
             self._items = np.zeros(len(self.rows), _ITEM)
             for key in self.rows[0] if self.rows else ():
@@ -403,8 +423,9 @@ class _Layout:
         items = self._items  # one pass at a time per layout: only the addresses change
         keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
         items["x"] = self._addresses(xs, keep)
-        if ys is not None:
-            items["y"] = self._addresses(ys, keep)
+        if y_block is not None and self.y_rows is not None:
+            assert y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
+            items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
         cells = np.empty(self.cells, dtype=np.bool_)
         out = self._out if reuse and self._out is not None else torch.empty(self.size)
         self._out = out if reuse else None
@@ -931,28 +952,28 @@ class Recorder:
         return self._cache[key]
 
     @torch.no_grad()
-    def snapshot_params(self) -> list[torch.Tensor]:
+    def snapshot_params(self) -> Snapshot:
         """Copies of the weights, to measure the next update against."""
         t = self._trainable()
         if not t.on_cpu:
-            return list(torch._foreach_mul(t.w, 1.0))
+            return Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
         # all copied into one block by the kernel, in one call; one snapshot lives at a time (collect uses it,
         # the next sample replaces it), so the block is reused
-        return list(t.layout("copy").run(t.w, reuse=True)[0].split([w.numel() for w in t.w]))
+        return Snapshot(t, block=t.layout("copy").run(t.w, reuse=True)[0])
 
-    def _reduce_params(self, t: _Trainable, before: list[torch.Tensor] | None) -> torch.Tensor:
+    def _reduce_params(self, t: _Trainable, before: Snapshot | None) -> torch.Tensor:
         """For the weights: the sums and sums of squares of the weights, their gradients and, given `before`
         (one copy per weight), their updates. For the other parameters (biases, gains): their sums of
         squares and their gradients', which only tell whether they are finite."""
         w, rest = t.w, t.rest
         if t.on_cpu:  # the kernel, in one call
             xs = [*w, *(p.grad for p in w), *(w if before is not None else []), *rest, *(p.grad for p in rest)]
-            if before is None:
+            if before is None or before.block is None:
                 return t.layout("params").run(xs)[0]
-            ys = [None] * (2 * len(w)) + list(before) + [None] * (2 * len(rest))
-            return t.layout("params+updates").run(xs, ys)[0]
+            return t.layout("params+updates").run(xs, before.block)[0]
         g = [_grad_or_zeros(p) for p in w]
-        measured_tensors = w + g + (list(torch._foreach_sub(w, before)) if before is not None else [])
+        copies = before.copies if before is not None else None
+        measured_tensors = w + g + (list(torch._foreach_sub(w, copies)) if copies is not None else [])
         rest_tensors = rest + [_grad_or_zeros(p) for p in rest]
         parts = []
         if measured_tensors:  # in float32 whatever the parameters' dtype (half-precision sums would overflow)
@@ -963,7 +984,7 @@ class Recorder:
 
     # -- collecting ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, *, before: list[torch.Tensor] | None = None, lr: float | None = None) -> RawPass:
+    def collect(self, *, before: Snapshot | None = None, lr: float | None = None) -> RawPass:
         """Reduce everything recorded since the last collect and move it to the host in one transfer.
 
         Returns a `RawPass`: the numbers as one array, read into `PassStats` only when asked (`.stats()`),
@@ -999,7 +1020,7 @@ class Recorder:
             parts = [packed]
         trainable = self._trainable()
         ps = trainable.ps
-        if before is not None and len(before) != len(trainable.weights):
+        if before is not None and before.trainable is not trainable:
             before = None  # the trainable weights changed since the snapshot: no update to measure
         if ps:
             parts.append(self._reduce_params(trainable, before))
