@@ -331,8 +331,9 @@ class Monitor:
         """Call once after each optimizer step. On sampled steps this reads the statistics (one transfer)."""
         if not self._entered:
             raise RuntimeError("use the Monitor as a context manager: `with nnvitals.Monitor(model) as mon:`")
-        if self.sampled(self.steps) and self._recorder.attached:
-            raw = self._recorder.collect(before=self._before)
+        recorder = self._recorder
+        if recorder.attached and self.steps % self.every == 0:
+            raw = recorder.collect(before=self._before)
             # keep the loss as it is (a tensor is read with the rest, when asked): no extra host sync here
             kept = loss.detach() if isinstance(loss, torch.Tensor) else loss
             if self.steps == 0:
@@ -351,11 +352,12 @@ class Monitor:
             if not self._functions_checked and raw.chunks:
                 # Watching activation functions costs a little on every op; keep it only if the model has any
                 # (re-attached below without the hooks that tracked which module called a function).
-                self._recorder.functions = self._recorder.found_functions
+                recorder.functions = recorder.found_functions
                 self._functions_checked = True
-                self._recorder.detach()
+                recorder.detach()
         self.steps += 1
-        self._arm()
+        if recorder.attached or self.steps % self.every == 0:  # else nothing to arm or disarm (most steps)
+            self._arm()
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -725,8 +725,9 @@ class Recorder:
                 if self.trace_all and grad:
                     self._trace(name, module, args, out)
                 return
-            if batchnorm or dropout:
-                self._check_mode(name, module, grad)
+            if (batchnorm or dropout) and module.training != grad and (grad or batchnorm):
+                # training with BatchNorm/Dropout in eval mode, or inference with BatchNorm in train mode
+                self._mode_events.append(ModeEvent(name, op, module.training, grad))
             if not grad:
                 return  # an inference pass: only its modes matter
             if self.trace_all:
@@ -735,7 +736,7 @@ class Recorder:
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if batchnorm and module.training and x is not None and x.dim() >= 2:
-                self._bn_batches[name] = int(x.shape[0])
+                self._bn_batches[name] = x.shape[0]
                 prod = self._producers.get(id(x))
                 if prod is not None and prod[0] is x and isinstance(prod[2], _LINEAR) \
                         and getattr(prod[2], "bias", None) is not None:
@@ -754,14 +755,6 @@ class Recorder:
         base = f"{prefix}.{func.__name__}()" if prefix else f"{func.__name__}()"
         x = x if isinstance(x, torch.Tensor) else None
         self._record(base, kind, _function_name(func), _call_site, None, x, out)
-
-    def _check_mode(self, name: str, module: nn.Module, grad: bool) -> None:
-        if not (is_batchnorm(module) or isinstance(module, nn.Dropout | nn.AlphaDropout)):
-            return
-        if grad and not module.training:
-            self._mode_events.append(ModeEvent(name, type(module).__name__, False, True))
-        elif not grad and module.training and is_batchnorm(module):
-            self._mode_events.append(ModeEvent(name, type(module).__name__, True, False))
 
     def _trace(self, name: str, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         ins = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
@@ -800,11 +793,11 @@ class Recorder:
         name = base if count == 1 else f"{base}#{count}"
         prod = self._producers.get(id(x)) if x is not None else None
         producer = prod if prod is not None and prod[0] is x else None
-        key = (name, tuple(out.shape), producer[1] if producer else None)
+        key = (name, out.shape, producer[1] if producer else None)
         spec = self._spec_cache.get(key)
         if spec is None:  # the first pass through this layer with this shape: work out what is fixed
             feeding = feeding_parameters(x, self.param_names) if x is not None and x.requires_grad else []
-            spec = _Spec(name, kind, op, site() if site else None, key[1],
+            spec = _Spec(name, kind, op, site() if site else None, tuple(out.shape),
                          _unit_dim(module, out, producer[2] if producer else None), key[2],
                          [p for p, role in feeding if role == "scale"])
             self._spec_cache[key] = spec
@@ -814,13 +807,14 @@ class Recorder:
         # in place; any other output is reduced right away when large (below), else copied as it is now if the
         # layer's output has been seen changed in place (a Linear's before an in-place ReLU) or has not been
         # seen yet, and checked for changes when it is reduced.
+        # (No detach: the reductions run without autograd and only read the values.)
         protected = kind in ACTIVATIONS
         reduce_now = not protected and numel >= STACK_LIMIT
         if protected or reduce_now:
-            self._outs.append(out.detach())
+            self._outs.append(out)
         else:
             self._unprotected.append((index, out, out._version, spec.copy))
-            self._outs.append(out.detach().clone() if spec.copy else out.detach())
+            self._outs.append(out.detach().clone() if spec.copy else out)
         self._producers[id(out)] = (out, name, module)
         if x is not None and self.trace_all and producer is not None:
             self._consumers.setdefault(producer[1], name)
@@ -837,6 +831,7 @@ class Recorder:
             self._flush()
 
     # -- reduction ---------------------------------------------------------------------------------
+    @torch.no_grad()
     def _flush(self) -> None:
         """Reduce the buffered outputs to their statistics (still on the device) and drop the copies."""
         if not self._outs:
