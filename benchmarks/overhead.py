@@ -12,6 +12,9 @@ waiting, not measurement.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 300] [--threads 1]
 
+With `--torch-ops`, Monitor rows with nnvitals' compiled CPU kernel switched off are added: the statistics
+computed with torch ops, as on a GPU or an install without a C compiler.
+
 With `--cockpit`, run under a Python that has `cockpit-for-pytorch` (see BENCHMARKS.md), it times
 Cockpit's "economy" configuration instead, on the same network without BatchNorm (BackPACK cannot
 extend BatchNorm in training mode), against nnvitals on that same network.
@@ -53,8 +56,11 @@ class Trainer:
     """One training run that goes on across rounds, so one-time costs (first sampled step, caches) fall
     into the warm-up round and each timed round is the steady state."""
 
-    def __init__(self, batchnorm: bool = True, every: int | None = None):
+    def __init__(self, batchnorm: bool = True, every: int | None = None, kernel: bool = True):
         import nnvitals
+        from nnvitals import probes
+
+        self.probes, self.kernel = probes, probes._kernel if kernel else None
 
         self.model = nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
@@ -65,6 +71,7 @@ class Trainer:
         self.step_times: list[float] = []  # every step's seconds, from the first step on
 
     def __call__(self, steps: int) -> float:
+        self.probes._kernel = self.kernel  # this configuration's way of reducing (restored by the next one)
         start = time.process_time()
         for _ in range(steps):
             t0 = time.process_time()
@@ -152,6 +159,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="steps per round (a multiple of 100)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cockpit", action="store_true", help="time Cockpit economy (needs cockpit-for-pytorch)")
+    ap.add_argument("--torch-ops", action="store_true", help="add Monitor rows without the compiled CPU kernel")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,6 +181,8 @@ def main() -> None:
             "nnvitals Monitor(every=10)": Trainer(every=10),
             "nnvitals Monitor(every=100)": Trainer(every=100),
         }
+        if args.torch_ops:
+            trainers |= {f"nnvitals Monitor(every={k}), torch ops": Trainer(every=k, kernel=False) for k in (1, 10)}
     for trainer in trainers.values():  # warm-up round, not timed: imports, caches, first sampled step
         trainer(n)
         trainer.step_times.clear()
