@@ -241,7 +241,7 @@ class _Trainable:
 
     ps: list[tuple[str, torch.Tensor, str | None]]  # (name, parameter, kind of the module holding it)
     weights: list[int]  # indices into `ps` of the weights, parameters of 2 dimensions or more
-    on_cpu: bool  # all in host memory, where the kernel can take them
+    on_cpu: bool  # all in host memory, where the kernel (when built) can take them
     layouts: dict[str, _Layout] = field(default_factory=dict)  # the kernel's, built when first needed
 
     def __post_init__(self) -> None:
@@ -943,14 +943,14 @@ class Recorder:
             ps: list[tuple[str, torch.Tensor, str | None]] = [
                 (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
             self._cache[key] = _Trainable(ps, [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2],
-                                          _kernel is not None and all(p.is_cpu for _, p, _ in ps))
+                                          all(p.is_cpu for _, p, _ in ps))
         return self._cache[key]
 
     @torch.no_grad()
     def snapshot_params(self) -> Snapshot:
         """Copies of the weights, to measure the next update against."""
         t = self._trainable()
-        if not t.on_cpu:
+        if not (t.on_cpu and _kernel is not None):
             return Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
         # all copied into one block by the kernel, in one call; one snapshot lives at a time (collect uses it,
         # the next sample replaces it), so the block is reused
@@ -961,10 +961,10 @@ class Recorder:
         (one copy per weight), their updates. For the other parameters (biases, gains): their sums of
         squares and their gradients', which only tell whether they are finite."""
         w, rest = t.w, t.rest
-        if t.on_cpu:  # the kernel, in one call
-            xs = [*w, *(p.grad for p in w), *(w if before is not None else []), *rest, *(p.grad for p in rest)]
+        if t.on_cpu and _kernel is not None:  # the kernel, in one call
             if before is None or before.block is None:
-                return t.layout("params").run(xs)[0]
+                return t.layout("params").run([*w, *(p.grad for p in w), *rest, *(p.grad for p in rest)])[0]
+            xs = [*w, *(p.grad for p in w), *w, *rest, *(p.grad for p in rest)]
             return t.layout("params+updates").run(xs, before.block)[0]
         g = [_grad_or_zeros(p) for p in w]
         copies = before.copies if before is not None else None
@@ -1015,8 +1015,10 @@ class Recorder:
             parts = [packed]
         trainable = self._trainable()
         ps = trainable.ps
-        if before is not None and before.trainable is not trainable:
-            before = None  # the trainable weights changed since the snapshot: no update to measure
+        if before is not None:
+            usable = before.block if trainable.on_cpu and _kernel is not None else before.copies
+            if before.trainable is not trainable or usable is None:
+                before = None  # the trainable weights (or the way they are reduced) changed: no update to measure
         if ps:
             parts.append(self._reduce_params(trainable, before))
         flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]

@@ -164,3 +164,20 @@ def test_a_half_precision_model_is_measured_in_float32(monkeypatch):
     assert tanh.mean == pytest.approx(expected.mean().item(), abs=1e-3)
     assert tanh.std == pytest.approx(expected.std().item(), rel=1e-3)
     assert sum(tanh.hist) + sum(tanh.hist_outside) == expected.numel()
+
+
+def test_a_snapshot_the_other_path_took_measures_no_update_and_reads_the_rest_right(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    rec = probes.Recorder(model)
+    rec.attach()
+    before = rec.snapshot_params()  # the kernel's block
+    F.cross_entropy(model(x), y).backward()
+    monkeypatch.setattr(probes, "_kernel", None)  # ...collected by the torch ops, which need per-weight copies
+    stats = rec.collect(before=before).stats()
+    rec.detach()
+    assert [p.update_ratio for p in stats.params] == [None] * 4
+    weight = model[0].weight
+    assert stats.params[0].std == pytest.approx(weight.std().item(), rel=1e-5)
+    assert stats.params[0].grad_std == pytest.approx(weight.grad.std().item(), rel=1e-5)
