@@ -249,6 +249,7 @@ class _Trainable:
         self.described = [(n, tuple(p.shape), kind) for n, p, kind in self.ps]  # what RawPass needs of them
         self.w = [self.ps[i][1] for i in self.weights]  # the weights
         self.rest = [p for i, (_, p, _) in enumerate(self.ps) if i not in weights]  # biases, gains
+
     def layout(self, what: str) -> _Layout:
         """The kernel's items for the weights' copy ("copy") or the parameters' statistics ("params",
         "params+updates"), in the slots `_reduce_params` writes with torch ops."""
@@ -423,8 +424,11 @@ class _Layout:
         items = self._items  # one pass at a time per layout: only the addresses change
         keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
         items["x"] = self._addresses(xs, keep)
-        if y_block is not None and self.y_rows is not None:
-            assert y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
+        if y_block is not None and self.y_rows is not None and self.y_offsets is not None:
+            ends = self.y_offsets + self.y_rows * 4 * items["numel"]
+            if not (y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
+                    and int(ends.max(initial=0)) <= 4 * y_block.numel()):
+                raise RuntimeError("nnvitals: the weights' copy does not match the weights")
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
         cells = np.empty(self.cells, dtype=np.bool_)
         out = self._out if reuse and self._out is not None else torch.empty(self.size)
@@ -907,8 +911,10 @@ class Recorder:
         key = ("kernel-grads", tuple(map(id, specs)), tuple(blocks))
         if key not in self._cache:
             layout, order, cursor, width = _Layout(), [], 0, HIST_BINS + 2
+            starts = {}  # where the blocks reduced in backward go
             for kind, idx in plan:
                 if idx[0] in blocks:  # a group of one, already reduced: its slots stay free for it
+                    starts[idx[0]] = cursor
                     cursor += blocks[idx[0]].numel()
                     continue
                 k = len(idx)
@@ -922,17 +928,11 @@ class Recorder:
                     order.append(i)
                 cursor += 2 * k if kind == "other" else (2 + width) * k
             layout.size = cursor
-            self._cache[key] = layout, order
-        layout, order = self._cache[key]
+            self._cache[key] = layout, order, starts
+        layout, order, starts = self._cache[key]
         out, _ = layout.run([grads[i] for i in order])
-        if blocks:
-            cursor, starts = 0, {}
-            for kind, idx in plan:
-                starts[idx[0]] = cursor
-                cursor += blocks[idx[0]].numel() if idx[0] in blocks else (
-                    2 * len(idx) if kind == "other" else (2 + HIST_BINS + 2) * len(idx))
-            for i, b in blocks.items():
-                out[starts[i]:starts[i] + b.numel()] = b
+        for i, b in blocks.items():
+            out[starts[i]:starts[i] + b.numel()] = b
         return out
 
     def _trainable(self) -> _Trainable:
