@@ -482,6 +482,30 @@ def _output_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]]) ->
     return layout, order
 
 
+def _grad_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], blocks: dict[int, int]
+                 ) -> tuple[_Layout, list[int], dict[int, int]]:
+    """The kernel's items for a `_reduce_grads` block (same slots), which gradient each item reads, and where
+    the blocks already reduced in backward go (`blocks`: their sizes by gradient index)."""
+    layout, order, starts, cursor, width = _Layout(), [], {}, 0, HIST_BINS + 2
+    for kind, idx in plan:
+        if idx[0] in blocks:  # a group of one, already reduced: its slots stay free for it
+            starts[idx[0]] = cursor
+            cursor += blocks[idx[0]]
+            continue
+        k = len(idx)
+        for j, i in enumerate(idx):
+            n = math.prod(specs[i].shape)
+            if kind == "other":
+                layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
+            else:
+                layout.add(n, mode="grad", o_sum=cursor + j, o_sq=cursor + k + j,
+                           o_hist=cursor + 2 * k + width * j, hist_range=(-GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS))
+            order.append(i)
+        cursor += 2 * k if kind == "other" else (2 + width) * k
+    layout.size = cursor
+    return layout, order, starts
+
+
 _TRANSPARENT = ("AddBackward", "SubBackward", "MmBackward", "AddmmBackward", "BmmBackward",
                 "TBackward", "TransposeBackward", "PermuteBackward", "ViewBackward",
                 "ReshapeAliasBackward", "UnsafeViewBackward", "ExpandBackward", "SqueezeBackward",
@@ -910,25 +934,7 @@ class Recorder:
         blocks = {i: b for i, b in enumerate(ready or []) if b is not None}
         key = ("kernel-grads", tuple(map(id, specs)), tuple(blocks))
         if key not in self._cache:
-            layout, order, cursor, width = _Layout(), [], 0, HIST_BINS + 2
-            starts = {}  # where the blocks reduced in backward go
-            for kind, idx in plan:
-                if idx[0] in blocks:  # a group of one, already reduced: its slots stay free for it
-                    starts[idx[0]] = cursor
-                    cursor += blocks[idx[0]].numel()
-                    continue
-                k = len(idx)
-                for j, i in enumerate(idx):
-                    n = math.prod(specs[i].shape)
-                    if kind == "other":
-                        layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
-                    else:
-                        layout.add(n, mode="grad", o_sum=cursor + j, o_sq=cursor + k + j,
-                                   o_hist=cursor + 2 * k + width * j, hist_range=(-GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS))
-                    order.append(i)
-                cursor += 2 * k if kind == "other" else (2 + width) * k
-            layout.size = cursor
-            self._cache[key] = layout, order, starts
+            self._cache[key] = _grad_layout(specs, plan, {i: b.numel() for i, b in blocks.items()})
         layout, order, starts = self._cache[key]
         out, _ = layout.run([grads[i] for i in order])
         for i, b in blocks.items():
@@ -962,10 +968,9 @@ class Recorder:
         squares and their gradients', which only tell whether they are finite."""
         w, rest = t.w, t.rest
         if t.on_cpu and _kernel is not None:  # the kernel, in one call
-            if before is None or before.block is None:
-                return t.layout("params").run([*w, *(p.grad for p in w), *rest, *(p.grad for p in rest)])[0]
-            xs = [*w, *(p.grad for p in w), *w, *rest, *(p.grad for p in rest)]
-            return t.layout("params+updates").run(xs, before.block)[0]
+            block = before.block if before is not None else None
+            xs = [*w, *(p.grad for p in w), *(w if block is not None else []), *rest, *(p.grad for p in rest)]
+            return t.layout("params" if block is None else "params+updates").run(xs, block)[0]
         g = [_grad_or_zeros(p) for p in w]
         copies = before.copies if before is not None else None
         measured_tensors = w + g + (list(torch._foreach_sub(w, copies)) if copies is not None else [])
