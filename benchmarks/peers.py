@@ -291,6 +291,9 @@ def ddp_worker(rank: int, init_file: str, out: str, device: str, steps: int, rou
     result = interleaved(runs, steps, rounds)
     if rank == 0:
         Path(out).write_text(json.dumps(result))
+    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
+    # called without an active exception") whose peer closed the connection while it was still open
+    dist.barrier()
     dist.destroy_process_group()
 
 

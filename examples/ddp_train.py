@@ -127,6 +127,9 @@ def main() -> None:
         say("no findings: the numbers look healthy")
     for f in findings if not args.json else []:
         say(f"{f.severity:8s} {f.code:24s} {f.where}\n         {f.message}\n         fix: {f.fix}")
+    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
+    # called without an active exception") whose peer closed the connection while it was still open
+    dist.barrier()
     dist.destroy_process_group()
 
 

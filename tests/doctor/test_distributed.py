@@ -54,6 +54,9 @@ def worker(rank, init_file, out_file, every, steps):
     layers = [lay.to_dict() for lay in mon.report().layers]
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump({"layers": layers, "calls": len(calls), "rows": len(mon.history), "plots": len(plots)}, f)
+    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
+    # called without an active exception") whose peer closed the connection while it was still open
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -129,6 +132,9 @@ def bn_worker(rank, init_file, out_file):
     got["sync_forwards"] = cpu_sync_batchnorm.calls
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump(got, f)
+    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
+    # called without an active exception") whose peer closed the connection while it was still open
+    dist.barrier()
     dist.destroy_process_group()
 
 
