@@ -97,6 +97,9 @@ static void histogram(const float *x, int64_t n, float scale, float offset, floa
     for (int64_t b = 0; b < bins + 2; b++) counts[b] += table[1][b] + table[2][b] + table[3][b];
 }
 
+/* How far a tanh-like output sits toward its tails, on tanh's scale: |t|, or |2s - 1| for a sigmoid. */
+static inline float tail(float v, const int sigmoid) { return sigmoid ? fabsf(2.0f * v - 1.0f) : fabsf(v); }
+
 /* One example's row of a tanh-like layer: saturated count, alive flags, and (cells given) its map row. */
 static inline int32_t bounded_row(const float *row, int64_t units, const int sigmoid, float sat, float dead,
                                   uint8_t *alive, uint8_t *cells, int64_t map_units) {
@@ -104,7 +107,7 @@ static inline int32_t bounded_row(const float *row, int64_t units, const int sig
     if (cells != NULL && map_units == units) {
 #pragma omp simd reduction(+ : hits)
         for (int64_t u = 0; u < units; u++) {
-            const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+            const float t = tail(row[u], sigmoid);
             const uint8_t past = t > dead;
             hits += t > sat;
             alive[u] |= !past; /* NaN counts as alive: it cannot be dead */
@@ -114,12 +117,12 @@ static inline int32_t bounded_row(const float *row, int64_t units, const int sig
     }
 #pragma omp simd reduction(+ : hits)
     for (int64_t u = 0; u < units; u++) {
-        const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+        const float t = tail(row[u], sigmoid);
         hits += t > sat;
         alive[u] |= !(t > dead);
     }
     for (int64_t u = 0; cells != NULL && u < map_units; u++) {
-        const float t = sigmoid ? fabsf(2.0f * row[u] - 1.0f) : fabsf(row[u]);
+        const float t = tail(row[u], sigmoid);
         cells[u] = t > dead;
     }
     return hits;
@@ -145,7 +148,7 @@ static int64_t activity(const item_t *it, const config_t *cfg, uint8_t *alive) {
                     hits += row[u] <= 0.0f;
                     alive[u] |= row[u] > 0.0f;
                 }
-            } else if (sigmoid) {
+            } else if (sigmoid) { /* a literal 0 or 1: each call gets its own specialised loop */
                 hits = bounded_row(row, units, 1, sat, dead, alive,
                                    cells != NULL && o < it->map_rows ? cells + o * it->map_units : NULL,
                                    it->map_units);
@@ -172,13 +175,13 @@ static int64_t activity(const item_t *it, const config_t *cfg, uint8_t *alive) {
             } else {
 #pragma omp simd reduction(+ : hits) reduction(| : any)
                 for (int64_t i = 0; i < inner; i++) {
-                    const float t = sigmoid ? fabsf(2.0f * run[i] - 1.0f) : fabsf(run[i]);
+                    const float t = tail(run[i], sigmoid);
                     hits += t > sat;
                     any |= !(t > dead); /* NaN counts as alive: it cannot be dead */
                 }
                 if (cells != NULL && u < it->map_units) {
                     for (int64_t i = 0; i < inner && o * inner + i < it->map_rows; i++) {
-                        const float t = sigmoid ? fabsf(2.0f * run[i] - 1.0f) : fabsf(run[i]);
+                        const float t = tail(run[i], sigmoid);
                         cells[(o * inner + i) * it->map_units + u] = t > dead;
                     }
                 }

@@ -250,6 +250,11 @@ class _Trainable:
         self.w = [self.ps[i][1] for i in self.weights]  # the weights
         self.rest = [p for i, (_, p, _) in enumerate(self.ps) if i not in weights]  # biases, gains
 
+    @property
+    def by_kernel(self) -> bool:
+        """Whether the kernel reduces them: it is built and they are in host memory."""
+        return self.on_cpu and _kernel is not None
+
     def layout(self, what: str) -> _Layout:
         """The kernel's items for the weights' copy ("copy") or the parameters' statistics ("params",
         "params+updates"), in the slots `_reduce_params` writes with torch ops."""
@@ -956,7 +961,7 @@ class Recorder:
     def snapshot_params(self) -> Snapshot:
         """Copies of the weights, to measure the next update against."""
         t = self._trainable()
-        if not (t.on_cpu and _kernel is not None):
+        if not t.by_kernel:
             return Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
         # all copied into one block by the kernel, in one call; one snapshot lives at a time (collect uses it,
         # the next sample replaces it), so the block is reused
@@ -967,7 +972,7 @@ class Recorder:
         (one copy per weight), their updates. For the other parameters (biases, gains): their sums of
         squares and their gradients', which only tell whether they are finite."""
         w, rest = t.w, t.rest
-        if t.on_cpu and _kernel is not None:  # the kernel, in one call
+        if t.by_kernel:  # the kernel, in one call
             block = before.block if before is not None else None
             xs = [*w, *(p.grad for p in w), *(w if block is not None else []), *rest, *(p.grad for p in rest)]
             return t.layout("params" if block is None else "params+updates").run(xs, block)[0]
@@ -1021,7 +1026,7 @@ class Recorder:
         trainable = self._trainable()
         ps = trainable.ps
         if before is not None:
-            usable = before.block if trainable.on_cpu and _kernel is not None else before.copies
+            usable = before.block if trainable.by_kernel else before.copies
             if before.trainable is not trainable or usable is None:
                 before = None  # the trainable weights (or the way they are reduced) changed: no update to measure
         if ps:
