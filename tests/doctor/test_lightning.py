@@ -185,19 +185,33 @@ def test_findings_text_written_once_at_the_global_step(tmp_path):
     assert [e.step for e in acc.Tensors("nnvitals/findings/text_summary")] == [10]
 
 
+class LeaveProcessGroup(pl.Callback):
+    """Lightning's ddp_spawn leaves a gloo process group standing when its worker exits; gloo's threads torn down
+    with the interpreter then abort the process now and again (SIGABRT, "terminate called without an active
+    exception"). Each worker meets the other and leaves the group itself, after every other teardown hook."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def fit_on_two_processes(callback, tmp_path, logger=False):
+    model, _, _ = EXAMPLES["makemore-naive"]()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=logger,
+                         callbacks=[callback, LeaveProcessGroup()], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(model), loader())
+
+
 def test_under_lightning_ddp_rank_zero_logs_the_findings(tmp_path):
     """Two CPU processes (ddp_spawn, gloo): Lightning runs training_step as the module's forward, and the
     starting loss is still judged against ln(V); rank zero's logger gets the findings."""
     from lightning.pytorch.loggers import CSVLogger
 
-    model, _, _ = EXAMPLES["makemore-naive"]()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
-                         logger=CSVLogger(tmp_path, name="csv"), callbacks=[NNVitalsCallback(every=2)],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(model), loader())
+    fit_on_two_processes(NNVitalsCallback(every=2), tmp_path, logger=CSVLogger(tmp_path, name="csv"))
     rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()))
     last = rows[-1]
     assert last["step"] == "5"  # 320 examples, 32 a batch on each of 2 processes
@@ -207,11 +221,5 @@ def test_under_lightning_ddp_rank_zero_logs_the_findings(tmp_path):
 
 def test_plots_under_lightning_ddp(tmp_path):
     """trainer.log_dir broadcasts: every rank must ask for it, not only rank zero (gloo would fail)."""
-    model, _, _ = EXAMPLES["makemore-naive"]()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-                         callbacks=[NNVitalsCallback(every=2, plots=True)], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Classifier(model), loader())
+    fit_on_two_processes(NNVitalsCallback(every=2, plots=True), tmp_path)
     assert len(list((tmp_path / "nnvitals").glob("*.png"))) >= 3
