@@ -230,9 +230,15 @@ class _Spec:
     unit_dim: int
     input_from: str | None
     feeding: list[str]
+    base: str  # the name before a "#2" told apart a second call
     # Whether the output must be copied when recorded: learned on the first pass, which copies it and then sees
     # whether anything changed it in place before it was reduced (an in-place ReLU after a Linear does).
     copy: bool = True
+
+    def __post_init__(self) -> None:
+        self.numel = math.prod(self.shape)
+        # an activation's output is saved for its own backward, so autograd already forbids changing it in place
+        self.protected = self.kind in ACTIVATIONS
 
 
 @dataclass
@@ -698,8 +704,17 @@ class Recorder:
         # for large ones, a hook reduces as it arrives (into _grad_blocks)
         self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
         self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
-        self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None]] = {}
+        # id of a recorded output (or, with trace_all, any module's) -> (the output, its name, its module,
+        # its place among this pass's records or -1)
+        self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None, int]] = {}
         self._names_used: dict[str, int] = {}
+        # What each record of a pass was: (module or None for a function, spec, its count among calls of that
+        # name, the place of the record whose output was its input or -1). A pass that makes the same records
+        # as the last one takes them from its entries instead of working them out again (see _make_hook).
+        entries = getattr(self, "_entries", [])
+        self._template: list[tuple[nn.Module | None, _Spec, int, int]] = [] if self.trace_all else entries
+        self._entries: list[tuple[nn.Module | None, _Spec, int, int]] = []
+        self._matched = 0  # how many of this pass's records, from the first, are those of the template
         self._mode_events: list[ModeEvent] = []
         self._bn_batches: dict[str, int] = {}
         self._bias_before_norm: list[tuple[str, str]] = []
@@ -751,6 +766,25 @@ class Recorder:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self._stack and self._stack[-1] is module:
                 self._stack.pop()
+            # The common case first: this pass so far has made the same records as the last one, and this call
+            # is the same layer again, with an output of the same shape, fed by the same record (or none).
+            index = len(self._specs)
+            template = self._template
+            if index == self._matched and index < len(template) and template[index][0] is module \
+                    and type(out) is torch.Tensor:
+                _, spec, count, x_from = template[index]
+                x = args[0] if args else None
+                prod = self._producers.get(id(x))
+                if out.shape == spec.shape and torch.is_grad_enabled() \
+                        and (prod[3] if prod is not None and prod[0] is x else -1) == x_from:
+                    if batchnorm:
+                        if not module.training:
+                            self._mode_events.append(ModeEvent(name, op, False, True))
+                        elif len(spec.shape) >= 2:
+                            self._batchnorm_input(name, spec.shape[0], prod if x_from >= 0 else None)
+                    self._matched += 1
+                    self._keep(spec, count, module, out, x_from)
+                    return
             if not isinstance(out, torch.Tensor):
                 return
             grad = torch.is_grad_enabled()
@@ -769,13 +803,17 @@ class Recorder:
                 return
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if batchnorm and module.training and x is not None and x.dim() >= 2:
-                self._bn_batches[name] = x.shape[0]
                 prod = self._producers.get(id(x))
-                if prod is not None and prod[0] is x and isinstance(prod[2], _LINEAR) \
-                        and getattr(prod[2], "bias", None) is not None:
-                    self._bias_before_norm.append((prod[1], name))
+                self._batchnorm_input(name, x.shape[0], prod if prod is not None and prod[0] is x else None)
             self._record(name, kind, op, None, module, x, out)
         return hook
+
+    def _batchnorm_input(self, name: str, batch: int, producer: tuple[Any, str, nn.Module | None, int] | None
+                         ) -> None:
+        """A BatchNorm in training: its batch size, and whether a bias right before it is wasted."""
+        self._bn_batches[name] = batch
+        if producer is not None and isinstance(producer[2], _LINEAR) and getattr(producer[2], "bias", None) is not None:
+            self._bias_before_norm.append((producer[1], name))
 
     def _on_function(self, func: Any, kind: str, x: Any, out: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -801,7 +839,7 @@ class Recorder:
                     self._consumers.setdefault(prod[1], name)
             if module is not None and module_kind(module) is None:
                 out.register_hook(self._grad_flag_hook(name))
-                self._producers.setdefault(id(out), (out, name, module))
+                self._producers.setdefault(id(out), (out, name, module, -1))
 
     def _grad_reducer(self, index: int) -> Callable[[torch.Tensor], None]:
         specs = self._specs
@@ -818,11 +856,9 @@ class Recorder:
 
     def _record(self, base: str, kind: str, op: str, site: Callable[[], str | None] | None, module: nn.Module | None,
                 x: torch.Tensor | None, out: torch.Tensor) -> None:
-        numel = out.numel()
-        if numel == 0 or not out.is_floating_point():
+        if out.numel() == 0 or not out.is_floating_point():
             return
         count = self._names_used.get(base, 0) + 1
-        self._names_used[base] = count
         name = base if count == 1 else f"{base}#{count}"
         prod = self._producers.get(id(x)) if x is not None else None
         producer = prod if prod is not None and prod[0] is x else None
@@ -832,25 +868,34 @@ class Recorder:
             feeding = feeding_parameters(x, self.param_names) if x is not None and x.requires_grad else []
             spec = _Spec(name, kind, op, site() if site else None, tuple(out.shape),
                          _unit_dim(module, out, producer[2] if producer else None), key[2],
-                         [p for p, role in feeding if role == "scale"])
+                         [p for p, role in feeding if role == "scale"], base)
             self._spec_cache[key] = spec
+        if x is not None and self.trace_all and producer is not None:
+            self._consumers.setdefault(producer[1], name)
+        x_from = producer[3] if producer else -1
+        index, template = len(self._specs), self._template
+        if index == self._matched and index < len(template) and template[index] == (module, spec, count, x_from):
+            self._matched += 1  # (a function's record, or a layer's worked out anew, may still be the same)
+        self._keep(spec, count, module, out, x_from)
+
+    def _keep(self, spec: _Spec, count: int, module: nn.Module | None, out: torch.Tensor, x_from: int) -> None:
+        """Keep a recorded output (or a copy) for reduction and ask for its gradient."""
         index = len(self._specs)
         self._specs.append(spec)
-        # An activation's output is saved for its own backward, so autograd already forbids changing it
-        # in place; any other output is reduced right away when large (below), else copied as it is now if the
-        # layer's output has been seen changed in place (a Linear's before an in-place ReLU) or has not been
-        # seen yet, and checked for changes when it is reduced.
+        self._entries.append((module, spec, count, x_from))
+        self._names_used[spec.base] = count
+        # An output other than an activation's is reduced right away when large (below), else copied as it is
+        # now if the layer's output has been seen changed in place (a Linear's before an in-place ReLU) or has
+        # not been seen yet, and checked for changes when it is reduced.
         # (No detach: the reductions run without autograd and only read the values.)
-        protected = kind in ACTIVATIONS
-        reduce_now = not protected and numel >= STACK_LIMIT
-        if protected or reduce_now:
+        numel = spec.numel
+        reduce_now = not spec.protected and numel >= STACK_LIMIT
+        if spec.protected or reduce_now:
             self._outs.append(out)
         else:
             self._unprotected.append((index, out, out._version, spec.copy))
             self._outs.append(out.detach().clone() if spec.copy else out)
-        self._producers[id(out)] = (out, name, module)
-        if x is not None and self.trace_all and producer is not None:
-            self._consumers.setdefault(producer[1], name)
+        self._producers[id(out)] = (out, spec.name, module, index)
         if out.requires_grad:
             if numel >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
                 out.register_hook(self._grad_reducer(index))
@@ -858,7 +903,7 @@ class Recorder:
                 out.retain_grad()
             self._grad_sources.append((index, out, out._version))
             if self.trace_all:
-                out.register_hook(self._grad_flag_hook(name))
+                out.register_hook(self._grad_flag_hook(spec.name))
         self._pending += numel
         if reduce_now or self._pending > FLUSH_ELEMENTS:
             self._flush()
