@@ -309,3 +309,59 @@ def test_outputs_changed_in_place_are_measured_as_their_layer_made_them():
     ix = torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(0))
     assert rows[-1]["layers"]["lin"]["std"] == pytest.approx(
         model.lin(model.emb(data[ix]).flatten(1)).std().item(), rel=0.5)  # not three times it
+
+
+class _Routed(nn.Module):
+    """The same layers called in the same order, BatchNorm fed by the Linear with a bias or by the one without,
+    or called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(27, 10)
+        self.a = nn.Linear(30, 40)
+        self.b = nn.Linear(30, 40, bias=False)
+        self.bn = nn.BatchNorm1d(40)
+        self.act = nn.Tanh()
+        self.out = nn.Linear(40, 27)
+        self.route = "a"
+
+    def forward(self, x):
+        h = self.emb(x).flatten(1)
+        with_bias, without = self.a(h), self.b(h)
+        h = self.bn(with_bias if self.route in ("a", "twice") else without)
+        if self.route == "twice":
+            h = self.bn(h)
+        return self.out(self.act(h))
+
+
+def test_each_step_is_recorded_as_its_own_route_took_it():
+    """A sampled pass that repeats the last one's layers is recorded from what the last one worked out; one
+    that takes another route, or another batch size, is told apart: every step's layers, their inputs and
+    the bias-before-norm finding are those a fresh `check` of the same batch reports."""
+    model = _Routed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(4)
+    routes = [("a", 32), ("a", 32), ("b", 32), ("b", 32), ("b", 16), ("twice", 16), ("twice", 16), ("a", 32)]
+
+    def seen(report):
+        return ([(lay.name, lay.input_from, lay.shape) for lay in report.layers],
+                sorted(f.where for f in report.findings if f.code == "bias-before-norm"))
+
+    steps = []
+    with nnvitals.Monitor(model, every=1) as mon:
+        for route, batch in routes:
+            model.route = route
+            x, y = torch.randint(0, 27, (batch, 3), generator=g), torch.randint(0, 27, (batch,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            mon.pause()  # check's own pass is not one of the Monitor's
+            steps.append(seen(mon.report()))
+            assert steps[-1] == seen(nnvitals.check(model, x, y)), (route, batch)
+            mon.resume()
+    inputs_of_bn = [[src for name, src, _ in layers if name.startswith("bn")] for layers, _ in steps]
+    assert inputs_of_bn == [["a"], ["a"], ["b"], ["b"], ["b"], ["a", "bn"], ["a", "bn"], ["a"]]
+    assert [wasted for _, wasted in steps] == [["a.bias"]] * 2 + [[]] * 3 + [["a.bias"]] * 3
+    assert [layers[0][2][0] for layers, _ in steps] == [32, 32, 32, 32, 16, 16, 16, 32]
