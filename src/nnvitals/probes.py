@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -387,6 +388,8 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
 _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "mode", "o_sum", "o_sq", "o_flag",
                                           "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
                  + [("lo", np.float64), ("hi", np.float64)])
+_DTYPE = operator.attrgetter("dtype")
+_PARAM_STATE = operator.attrgetter("requires_grad", "shape", "is_cpu")  # what decides the trainable set
 _MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5}
 
 
@@ -402,6 +405,7 @@ class _Layout:
         self.cells = 0  # saturation-map cells in all
         self._items: np.ndarray | None = None
         self._out: torch.Tensor | None = None
+        self._y: tuple[int, int] | None = None  # (address, size) of the y block the items point into
         # rows whose `y` lies in one block given to `run` (1 in y_rows), at these byte offsets of it
         self.y_rows: np.ndarray | None = None
         self.y_offsets: np.ndarray | None = None
@@ -432,24 +436,33 @@ class _Layout:
             for key in self.rows[0] if self.rows else ():
                 self._items[key] = [row[key] for row in self.rows]
             self._numel = [row["numel"] for row in self.rows]
+            self._cells = np.empty(self.cells, dtype=np.bool_)
+            self._at = self._items.ctypes.data, self._cells.ctypes.data
         items = self._items  # one pass at a time per layout: only the addresses change
         keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
         items["x"] = self._addresses(xs, keep)
-        if y_block is not None and self.y_rows is not None and self.y_offsets is not None:
+        if y_block is not None and self.y_rows is not None and self.y_offsets is not None \
+                and self._y != (y_block.data_ptr(), y_block.numel()):  # (the weights' copy is one reused block)
             ends = self.y_offsets + self.y_rows * 4 * items["numel"]
             if not (y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
                     and int(ends.max(initial=0)) <= 4 * y_block.numel()):
                 raise RuntimeError("nnvitals: the weights' copy does not match the weights")
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
-        cells = np.empty(self.cells, dtype=np.bool_)
+            self._y = y_block.data_ptr(), y_block.numel()
         out = self._out if reuse and self._out is not None else torch.empty(self.size)
         self._out = out if reuse else None
         assert _kernel is not None
-        _kernel.reduce(items.ctypes.data, len(items), out.data_ptr(), self.size, cells.ctypes.data, self.cells,
+        _kernel.reduce(self._at[0], len(items), out.data_ptr(), self.size, self._at[1], self.cells,
                        HIST_BINS, SATURATION_CUT, DEAD_CUT)
-        return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
+        return out, [self._cells[start:start + r * u].reshape(r, u).copy() for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
+        try:  # the usual case without a Python loop (a None among them raises TypeError: the loop below)
+            if list(map(torch.Tensor.numel, tensors)) == self._numel and all(map(torch.Tensor.is_contiguous, tensors)) \
+                    and list(map(_DTYPE, tensors)).count(torch.float32) == len(tensors):
+                return list(map(torch.Tensor.data_ptr, tensors))
+        except TypeError:
+            pass
         found = []
         for t, numel in zip(tensors, self._numel, strict=True):
             if t is None:
@@ -624,6 +637,7 @@ class Recorder:
         self.functions = functions
         self.trace_all = trace_all
         self._params = list(model.named_parameters())
+        self._param_list = [p for _, p in self._params]
         self.param_names = {id(p): n for n, p in self._params}
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self._param_kinds = {f"{mn}.{pn}" if mn else pn: module_kind(m)
@@ -994,7 +1008,7 @@ class Recorder:
     def _trainable(self) -> _Trainable:
         """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
         device changes."""
-        key = ("trainable", tuple((p.requires_grad, p.shape, p.is_cpu) for _, p in self._params))
+        key = ("trainable", tuple(map(_PARAM_STATE, self._param_list)))
         if key not in self._cache:
             ps: list[tuple[str, torch.Tensor, str | None]] = [
                 (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
