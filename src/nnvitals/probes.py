@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -457,10 +457,11 @@ class _Layout:
         return out, [self._cells[start:start + r * u].reshape(r, u).copy() for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
+        ts = cast(Sequence[torch.Tensor], tensors)
         try:  # the usual case without a Python loop (a None among them raises TypeError: the loop below)
-            if list(map(torch.Tensor.numel, tensors)) == self._numel and all(map(torch.Tensor.is_contiguous, tensors)) \
-                    and list(map(_DTYPE, tensors)).count(torch.float32) == len(tensors):
-                return list(map(torch.Tensor.data_ptr, tensors))
+            if list(map(torch.Tensor.numel, ts)) == self._numel and all(map(torch.Tensor.is_contiguous, ts)) \
+                    and list(map(_DTYPE, ts)).count(torch.float32) == len(ts):
+                return list(map(torch.Tensor.data_ptr, ts))
         except TypeError:
             pass
         found = []
