@@ -748,7 +748,8 @@ class Recorder:
         if self._root_depth == 1:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
             if tensors and torch.is_grad_enabled():
-                self._inputs_finite = torch.stack([torch.isfinite(a).all() for a in tensors]).all()
+                at = tensors[0].device
+                self._inputs_finite = torch.stack([torch.isfinite(a).all().to(at) for a in tensors]).all()
             if self.functions and self._watcher is None:
                 self._watcher = _FunctionWatcher(self)
                 self._watcher.__enter__()
@@ -770,7 +771,8 @@ class Recorder:
                     self._cache[key] = feeding_parameters(out, self.param_names)
                 self._output_params = self._cache[key]
             if self.trace_all:
-                self._finite_flags.append(("", torch.ones((), dtype=torch.bool), torch.isfinite(out).all()))
+                self._finite_flags.append(("", torch.ones((), dtype=torch.bool, device=out.device),
+                                           torch.isfinite(out).all()))
 
     def _make_hook(self, name: str, kind: str | None, watched: nn.Module) -> Callable[..., None]:
         # what does not change from call to call, worked out once (a sampled step calls every hook)
@@ -844,9 +846,9 @@ class Recorder:
 
     def _trace(self, name: str, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         ins = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        ok_in = torch.stack([torch.isfinite(a).all() for a in ins]).all() if ins else torch.ones((), dtype=torch.bool)
-        self._finite_flags.append((name, ok_in, torch.isfinite(out).all() if out.is_floating_point()
-                                   else torch.ones((), dtype=torch.bool)))
+        ok = torch.ones((), dtype=torch.bool, device=out.device)  # (where the flags are: all go in one stack)
+        ok_in = torch.stack([torch.isfinite(a).all().to(ok.device) for a in ins]).all() if ins else ok
+        self._finite_flags.append((name, ok_in, torch.isfinite(out).all() if out.is_floating_point() else ok))
         if out.requires_grad:
             for a in ins:
                 prod = self._producers.get(id(a))
@@ -1095,7 +1097,8 @@ class Recorder:
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         if flags:
-            parts.append(torch.stack(flags).to(parts[0].device if parts else "cpu", torch.float32))
+            device = parts[0].device if parts else flags[0].device
+            parts.append(torch.stack([f.to(device) for f in flags]).float())
         device = parts[0].device if parts else None
         host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
             else np.zeros(0)
