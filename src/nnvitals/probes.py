@@ -1097,8 +1097,8 @@ class Recorder:
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         if flags:
-            device = parts[0].device if parts else flags[0].device
-            parts.append(torch.stack([f.to(device) for f in flags]).float())
+            at = parts[0].device if parts else flags[0].device
+            parts.append(torch.stack([f.to(at) for f in flags]).float())
         device = parts[0].device if parts else None
         host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
             else np.zeros(0)
