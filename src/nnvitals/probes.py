@@ -665,21 +665,43 @@ class Recorder:
         track_stack = self.functions or self.trace_all
         key = ("attach", track_stack)
         if key not in self._cache:
-            table: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+            table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
             pushed: dict[int, nn.Module] = {}
             for name, module in self.model.named_modules():
                 kind = module_kind(module)
                 if track_stack and module is not self.model:
                     pushed[id(module)] = module
                 if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or id(module) in pushed:
-                    table[id(module)] = (module, self._make_hook(name, kind, module))
+                    table[id(module)] = (module, self._make_hook(name, kind, module), name, is_batchnorm(module))
             self._cache[key] = table, pushed
         table, pushed = self._cache[key]
 
         def after(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             entry = table.get(id(module))
-            if entry is not None and entry[0] is module:
-                entry[1](module, args, out)
+            if entry is None or entry[0] is not module:
+                return
+            if self._stack and self._stack[-1] is module:
+                self._stack.pop()
+            # The common case first: this pass so far has made the same records as the last one, and this call
+            # is the same layer again, with an output of the same shape, fed by the same record (or none).
+            index = len(self._specs)
+            template = self._template
+            if index == self._matched and index < len(template) and template[index][0] is module \
+                    and type(out) is torch.Tensor:
+                _, spec, count, x_from = template[index]
+                x = args[0] if args else None
+                prod = self._producers.get(id(x))
+                if out.shape == spec.shape and torch.is_grad_enabled() \
+                        and (prod[3] if prod is not None and prod[0] is x else -1) == x_from:
+                    if entry[3]:  # a BatchNorm
+                        if not module.training:
+                            self._mode_events.append(ModeEvent(entry[2], spec.op, False, True))
+                        elif len(spec.shape) >= 2:
+                            self._batchnorm_input(entry[2], spec.shape[0], prod if x_from >= 0 else None)
+                    self._matched += 1
+                    self._keep(spec, count, module, out, x_from)
+                    return
+            entry[1](module, args, out)  # the layer's own hook, which works everything out
 
         def before(module: nn.Module, args: tuple[Any, ...]) -> None:
             if pushed.get(id(module)) is module:
@@ -781,27 +803,6 @@ class Recorder:
         op = type(watched).__name__
 
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if self._stack and self._stack[-1] is module:
-                self._stack.pop()
-            # The common case first: this pass so far has made the same records as the last one, and this call
-            # is the same layer again, with an output of the same shape, fed by the same record (or none).
-            index = len(self._specs)
-            template = self._template
-            if index == self._matched and index < len(template) and template[index][0] is module \
-                    and type(out) is torch.Tensor:
-                _, spec, count, x_from = template[index]
-                x = args[0] if args else None
-                prod = self._producers.get(id(x))
-                if out.shape == spec.shape and torch.is_grad_enabled() \
-                        and (prod[3] if prod is not None and prod[0] is x else -1) == x_from:
-                    if batchnorm:
-                        if not module.training:
-                            self._mode_events.append(ModeEvent(name, op, False, True))
-                        elif len(spec.shape) >= 2:
-                            self._batchnorm_input(name, spec.shape[0], prod if x_from >= 0 else None)
-                    self._matched += 1
-                    self._keep(spec, count, module, out, x_from)
-                    return
             if not isinstance(out, torch.Tensor):
                 return
             grad = torch.is_grad_enabled()
