@@ -4,8 +4,10 @@ A `Recorder` watches the layers worth watching (linear, normalisation, embedding
 through one process-wide module forward hook that hands each call to that layer's own hook, and, through a
 `TorchFunctionMode`, activations called as functions inside a `forward` (`torch.tanh(x)`, `F.relu(x)`).
 A hook only keeps the layer's output (a copy where something has been seen changing it in place) and,
-in backward, the gradient arriving at it. `collect()` then reduces everything (moments, saturation, dead
-units, histograms) and moves it to the host in one transfer. On the CPU the compiled kernel
+in backward, the gradient arriving at it; what a record is (its name, kind, shape, input) is worked out
+once, and a pass that repeats the last one's layers takes it from the last pass's entries. `collect()`
+then reduces everything (moments, saturation, dead units, histograms) and moves it to the host in one
+transfer. On the CPU the compiled kernel
 (`_kernel.c`) does that in one call per block, one pass per tensor; elsewhere the small outputs of the
 same kind and shape are stacked and each stack reduced in a few torch ops, so the cost hardly grows with
 depth. On either path large layers (STACK_LIMIT values and more) are reduced one by one, as they come, and
