@@ -1,5 +1,5 @@
-"""benchmarks/peers.py refuses arguments that cannot give a fair comparison (an error line and status 2); the
-typical-step figure the benchmarks quote."""
+"""benchmarks/peers.py and ab.py refuse arguments that cannot give a fair comparison (an error line and status 2);
+ab.py compares two revisions in one process; the typical-step figure the benchmarks quote."""
 
 import argparse
 import importlib.util
@@ -68,3 +68,25 @@ def test_typical_step_spreads_the_sampled_step_over_the_cycle_and_ignores_a_burs
     burst[37] = 0.040
     assert typical_step(burst, 10) == pytest.approx(0.003)
     assert sum(burst) / len(burst) > 0.0033
+
+
+AB = Path(__file__).parents[1] / "benchmarks" / "ab.py"
+
+
+def test_ab_compares_the_working_tree_with_a_revision_in_one_process():
+    done = subprocess.run([sys.executable, str(AB), "HEAD", "--steps", "50"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("every=1, 50 steps each, HEAD with ")
+    assert [line.split()[0] for line in lines[1:]] == ["plain", "HEAD", "working"]
+    assert all(line.endswith("us over plain") for line in lines[1:])
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["no-such-revision"], "error: cannot extract 'no-such-revision': "),
+    (["HEAD", "--every", "0"], "error: need --every >= 1 and --steps >= 5 x every, got 0 and 3000"),
+])
+def test_ab_refuses_what_it_cannot_compare(args, says):
+    done = subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(says) and done.stderr.count("\n") == 1

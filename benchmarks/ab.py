@@ -1,0 +1,111 @@
+"""Same-process A/B of a Monitor's cost: this checkout's nnvitals against another git revision's.
+
+On a shared, noisy machine two benchmark runs minutes apart differ by more than most changes gain. Here
+three training runs of the lesson's deep network (benchmarks/overhead.py) go on side by side in one
+process: plain, `Monitor` from REV and `Monitor` from the working tree, one step each in turn, in an order
+shuffled every step (whichever came right after the plain step was measured 40-60 us faster). REV's
+package is extracted with `git archive` into a temporary folder and imported as `nnvitals_ab`. Both
+Monitors' process-wide hooks see every model's modules, so the plain run pays a little too: compare the
+two Monitors with each other, not with overhead.py's ratios.
+
+    .venv/bin/python benchmarks/ab.py REV [--every 1] [--steps 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def extract(rev: str, into: Path) -> str:
+    """REV's src/nnvitals as the package nnvitals_ab under `into`; says which statistics path it will use."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/nnvitals"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    package = into / "nnvitals_ab"
+    (into / "src" / "nnvitals").rename(package)
+    for source in package.rglob("*.py"):
+        text = source.read_text()
+        text = re.sub(r"\bfrom nnvitals([. ])", r"from nnvitals_ab\1", text)
+        text = re.sub(r"\bimport nnvitals\b", "import nnvitals_ab as nnvitals", text)
+        source.write_text(text)
+    here = ROOT / "src" / "nnvitals"
+    if (package / "_kernel.c").exists() and (package / "_kernel.c").read_bytes() == (here / "_kernel.c").read_bytes():
+        for built in here.glob("_kernel*.so"):  # the same C source: this checkout's build serves both
+            shutil.copy(built, package / built.name)
+        return "compiled kernel"
+    return "torch ops (its _kernel.c differs from this checkout's; build it there to compare kernels)"
+
+
+def cycle_us(times: list[float], every: int, skip: int) -> float:
+    """Mean over the sampling cycle of each position's median step, in microseconds."""
+    return sum(statistics.median(times[skip + j::every]) for j in range(every)) / every * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev", help="the git revision to compare the working tree with, e.g. HEAD~3")
+    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3000, help="steps of each run (the first fifth untimed)")
+    args = ap.parse_args()
+    if args.every < 1 or args.steps < 5 * args.every:
+        print(f"error: need --every >= 1 and --steps >= 5 x every, got {args.every} and {args.steps}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path_of_rev = extract(args.rev, Path(tmp))
+        except subprocess.CalledProcessError as error:
+            print(f"error: cannot extract {args.rev!r}: {error.stderr.decode().strip()}", file=sys.stderr)
+            return 2
+        sys.path.insert(0, tmp)
+        import nnvitals_ab
+
+        import nnvitals
+
+        runs = {"plain": Trainer(), args.rev: Trainer(), "working tree": Trainer()}
+        monitors = {args.rev: nnvitals_ab.Monitor(runs[args.rev].model, every=args.every).__enter__(),
+                    "working tree": nnvitals.Monitor(runs["working tree"].model, every=args.every).__enter__()}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        order = list(runs)
+        shuffle = random.Random(1).shuffle
+        for _ in range(args.steps):
+            shuffle(order)
+            for name in order:
+                run = runs[name]
+                ix = torch.randint(0, len(run.X), (32,), generator=run.g)
+                start = time.process_time()
+                loss = nn.functional.cross_entropy(run.model(run.X[ix]), run.Y[ix])
+                run.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                run.opt.step()
+                if name in monitors:
+                    monitors[name].step(loss)
+                times[name].append(time.process_time() - start)
+    skip = args.steps // 5
+    plain = cycle_us(times["plain"], args.every, skip)
+    print(f"every={args.every}, {args.steps} steps each, {args.rev} with {path_of_rev}; "
+          "median step per position of the cycle, averaged")
+    for name in runs:
+        us = cycle_us(times[name], args.every, skip)
+        print(f"  {name:14s} {us:8.0f} us  +{us - plain:6.0f} us over plain")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
