@@ -49,7 +49,7 @@ def extract(rev: str, into: Path) -> str:
         for built in here.glob("_kernel*.so"):  # the same C source: this checkout's build serves both
             shutil.copy(built, package / built.name)
         return "compiled kernel"
-    return "torch ops (its _kernel.c differs from this checkout's; build it there to compare kernels)"
+    return "torch ops (it has no _kernel.c, or one unlike this checkout's: build it there to compare kernels)"
 
 
 def cycle_us(times: list[float], every: int, skip: int) -> float:
