@@ -320,8 +320,8 @@ def _groups(specs: Sequence[_Spec]) -> list[tuple[str, list[int]]]:
     groups: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
     for i, s in enumerate(specs):
         kind = s.kind if s.kind in BOUNDED or s.kind in RELU_LIKE else "other"
-        shape = (s.shape[s.unit_dim], math.prod(s.shape)) if kind != "other" else (math.prod(s.shape),)
-        groups.setdefault((kind, shape, i if math.prod(s.shape) >= STACK_LIMIT else -1), []).append(i)
+        shape = (s.shape[s.unit_dim], s.numel) if kind != "other" else (s.numel,)
+        groups.setdefault((kind, shape, i if s.numel >= STACK_LIMIT else -1), []).append(i)
     return [(kind, idx) for (kind, _, _), idx in groups.items()]
 
 
@@ -493,7 +493,7 @@ def _output_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]]) ->
         k = len(idx)
         for j, i in enumerate(idx):
             s = specs[i]
-            n = math.prod(s.shape)
+            n = s.numel
             if kind == "other":
                 layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
             else:
@@ -521,7 +521,7 @@ def _grad_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], bloc
             continue
         k = len(idx)
         for j, i in enumerate(idx):
-            n = math.prod(specs[i].shape)
+            n = specs[i].numel
             if kind == "other":
                 layout.add(n, o_sum=cursor + j, o_sq=cursor + k + j)
             else:
@@ -749,7 +749,7 @@ class Recorder:
         self._names_used: dict[str, int] = {}
         # What each record of a pass was: (module or None for a function, spec, its count among calls of that
         # name, the place of the record whose output was its input or -1). A pass that makes the same records
-        # as the last one takes them from its entries instead of working them out again (see _make_hook).
+        # as the last one takes them from its entries instead of working them out again (see attach).
         entries = getattr(self, "_entries", [])
         self._template: list[tuple[nn.Module | None, _Spec, int, int]] = [] if self.trace_all else entries
         self._entries: list[tuple[nn.Module | None, _Spec, int, int]] = []
@@ -799,7 +799,8 @@ class Recorder:
                                            torch.isfinite(out).all()))
 
     def _make_hook(self, name: str, kind: str | None, watched: nn.Module) -> Callable[..., None]:
-        # what does not change from call to call, worked out once (a sampled step calls every hook)
+        # what does not change from call to call, worked out once (called for each call that `attach`'s
+        # process-wide hook does not replay from the last pass)
         batchnorm = is_batchnorm(watched)
         dropout = isinstance(watched, nn.Dropout | nn.AlphaDropout)
         op = type(watched).__name__
@@ -1254,7 +1255,7 @@ def _parse_outputs(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]], va
             cursor += k * units
         for j, i in enumerate(idx):
             s = specs[i]
-            count = math.prod(s.shape) * world
+            count = s.numel * world
             mean, std = _mean_std(sums[j], squares[j], count)
             share = float(flagged[j] / count) if flagged is not None else None
             found[i] = LayerStats(
