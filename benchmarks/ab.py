@@ -21,11 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import Trainer  # noqa: E402
@@ -79,24 +77,15 @@ def main() -> int:
         import nnvitals
 
         runs = {"plain": Trainer(), args.rev: Trainer(), "working tree": Trainer()}
-        monitors = {args.rev: nnvitals_ab.Monitor(runs[args.rev].model, every=args.every).__enter__(),
-                    "working tree": nnvitals.Monitor(runs["working tree"].model, every=args.every).__enter__()}
-        times: dict[str, list[float]] = {name: [] for name in runs}
+        for name, package in ((args.rev, nnvitals_ab), ("working tree", nnvitals)):
+            runs[name].monitor = package.Monitor(runs[name].model, every=args.every).__enter__()
         order = list(runs)
         shuffle = random.Random(1).shuffle
         for _ in range(args.steps):
             shuffle(order)
             for name in order:
-                run = runs[name]
-                ix = torch.randint(0, len(run.X), (32,), generator=run.g)
-                start = time.process_time()
-                loss = nn.functional.cross_entropy(run.model(run.X[ix]), run.Y[ix])
-                run.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                run.opt.step()
-                if name in monitors:
-                    monitors[name].step(loss)
-                times[name].append(time.process_time() - start)
+                runs[name](1)  # one training step, its time kept in step_times
+    times = {name: run.step_times for name, run in runs.items()}
     skip = args.steps // 5
     plain = cycle_us(times["plain"], args.every, skip)
     print(f"every={args.every}, {args.steps} steps each, {args.rev} with {path_of_rev}; "
