@@ -264,6 +264,13 @@ class _Trainable:
         """Whether the kernel reduces them: it is built and they are in host memory."""
         return self.on_cpu and _kernel is not None
 
+    def items(self, updates: bool) -> tuple[_Layout, list[torch.Tensor | None]]:
+        """The kernel's layout for the parameters' statistics (with their updates: measured against a weights'
+        copy given to `run`) and the tensors it reads."""
+        w, rest = self.w, self.rest
+        xs = [*w, *(p.grad for p in w), *(w if updates else []), *rest, *(p.grad for p in rest)]
+        return self.layout("params+updates" if updates else "params"), xs
+
     def layout(self, what: str) -> _Layout:
         """The kernel's items for the weights' copy ("copy") or the parameters' statistics ("params",
         "params+updates"), in the slots `_reduce_params` writes with torch ops."""
@@ -300,10 +307,13 @@ class Snapshot:
     copies: list[torch.Tensor] | None = None
 
 
+_DISTRIBUTED = torch.distributed.is_available()
+
+
 def world_size() -> int:
     """How many processes train together (torch.distributed), 1 when alone."""
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _DISTRIBUTED and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
@@ -390,7 +400,8 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
 _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "mode", "o_sum", "o_sq", "o_flag",
                                           "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
                  + [("lo", np.float64), ("hi", np.float64)])
-_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_NBYTES = operator.attrgetter("nbytes")
 _PARAM_STATE = operator.attrgetter("requires_grad", "shape", "is_cpu")  # what decides the trainable set
 _MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5}
 
@@ -427,6 +438,30 @@ class _Layout:
                               o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
                               numel=count, lo=hist_range[0], hi=hist_range[1], cells=cells))
 
+    @staticmethod
+    def joined(layouts: Sequence[_Layout]) -> _Layout:
+        """One layout doing the work of several in one call: each one's rows, slots and map cells after the
+        previous ones'."""
+        joined = _Layout()
+        y_rows, y_offsets = [], []
+        for layout in layouts:
+            shift, first = joined.size, len(joined.rows)
+            for row in layout.rows:
+                row = dict(row)
+                for key in ("o_sum", "o_sq", "o_flag", "o_hist", "o_alive"):
+                    row[key] += shift if row[key] >= 0 else 0
+                row["cells"] += joined.cells if row["cells"] >= 0 else 0
+                joined.rows.append(row)
+            joined.maps += [(first + item, joined.cells + start, r, u) for item, start, r, u in layout.maps]
+            joined.cells += layout.cells
+            joined.size += layout.size
+            none = np.zeros(len(layout.rows), np.int64)
+            y_rows.append(layout.y_rows if layout.y_rows is not None else none)
+            y_offsets.append(layout.y_offsets if layout.y_offsets is not None else none)
+        if any(layout.y_rows is not None for layout in layouts):
+            joined.y_rows, joined.y_offsets = np.concatenate(y_rows), np.concatenate(y_offsets)
+        return joined
+
     def run(self, xs: Sequence[torch.Tensor | None], y_block: torch.Tensor | None = None, *,
             reuse: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
         """The block for these tensors (one per row, in order; None: zeros), minus, for the rows marked in
@@ -438,6 +473,7 @@ class _Layout:
             for key in self.rows[0] if self.rows else ():
                 self._items[key] = [row[key] for row in self.rows]
             self._numel = [row["numel"] for row in self.rows]
+            self._nbytes = [4 * n for n in self._numel]
             self._cells = np.empty(self.cells, dtype=np.bool_)
             self._at = self._items.ctypes.data, self._cells.ctypes.data
         items = self._items  # one pass at a time per layout: only the addresses change
@@ -456,15 +492,17 @@ class _Layout:
         assert _kernel is not None
         _kernel.reduce(self._at[0], len(items), out.data_ptr(), self.size, self._at[1], self.cells,
                        HIST_BINS, SATURATION_CUT, DEAD_CUT)
-        return out, [self._cells[start:start + r * u].reshape(r, u).copy() for _, start, r, u in self.maps]
+        cells = self._cells.copy() if self.maps else self._cells
+        return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
         ts = cast(Sequence[torch.Tensor], tensors)
-        try:  # the usual case without a Python loop (a None among them raises TypeError: the loop below)
-            if list(map(torch.Tensor.numel, ts)) == self._numel and all(map(torch.Tensor.is_contiguous, ts)) \
-                    and list(map(_DTYPE, ts)).count(torch.float32) == len(ts):
+        try:  # the usual case without a Python loop (a None among them raises: the loop below). As many bytes as
+            # float32 values expected, contiguous: the kernel reads exactly the tensor's memory. (Its dtype is then
+            # float32 but for a tensor of another dtype and size, which the layers' shapes already rule out.)
+            if list(map(_NBYTES, ts)) == self._nbytes and all(map(torch.Tensor.is_contiguous, ts)):
                 return list(map(torch.Tensor.data_ptr, ts))
-        except TypeError:
+        except (TypeError, AttributeError):
             pass
         found = []
         for t, numel in zip(tensors, self._numel, strict=True):
@@ -482,7 +520,12 @@ class _Layout:
 
 def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:
     """Whether the kernel can take these: it is built and they are in host memory."""
-    return _kernel is not None and all(t is None or t.is_cpu for t in tensors)
+    if _kernel is None:
+        return False
+    try:
+        return all(map(_IS_CPU, tensors))
+    except AttributeError:  # a None among them (a missing gradient)
+        return all(t is None or t.is_cpu for t in tensors)
 
 
 def _output_layout(specs: Sequence[_Spec], plan: list[tuple[str, list[int]]]) -> tuple[_Layout, list[int]]:
@@ -737,7 +780,7 @@ class Recorder:
         self._stale: set[int] = set()  # outputs changed in place before they were reduced: no numbers
         self._pending = 0
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
-        self._chunk_layouts: list[list[_Spec]] = []
+        self._chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]] = []  # reduced outputs: specs, plan
         self._maps: list[tuple[str, torch.Tensor | np.ndarray]] = []  # layer name -> saturation-map cells
         # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad) or,
         # for large ones, a hook reduces as it arrives (into _grad_blocks)
@@ -930,21 +973,27 @@ class Recorder:
             self._flush()
 
     # -- reduction ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _flush(self) -> None:
-        """Reduce the buffered outputs to their statistics (still on the device) and drop the copies."""
-        if not self._outs:
-            return
-        start = sum(len(c) for c in self._chunk_layouts)
-        specs = self._specs[start:start + len(self._outs)]
+    def _buffered(self) -> tuple[list[_Spec], list[tuple[str, list[int]]]]:
+        """The buffered outputs' specs and plan, now a chunk of the pass; those buffered without a copy are
+        checked to be as they were when recorded."""
+        specs = self._specs[len(self._specs) - len(self._outs):]
         for index, out, version, copied in self._unprotected:
             changed = out._version != version
             if not copied and changed:  # its numbers would be those of whatever changed it: none this time
                 self._stale.add(index)
             self._specs[index].copy = changed
         self._unprotected = []
-        self._partials.append(self._reduce_outputs(specs, self._outs))
-        self._chunk_layouts.append(specs)
+        plan = self._plan(specs)
+        self._chunks.append((specs, plan))
+        return specs, plan
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Reduce the buffered outputs to their statistics (still on the device) and drop the copies."""
+        if not self._outs:
+            return
+        specs, plan = self._buffered()
+        self._partials.append(self._reduce_outputs(specs, plan, self._outs))
         self._outs = []
         self._pending = 0
 
@@ -954,17 +1003,31 @@ class Recorder:
             self._cache[key] = _groups(specs)
         return self._cache[key]
 
-    def _reduce_outputs(self, specs: Sequence[_Spec], outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _output_items(self, specs: Sequence[_Spec], plan: list[tuple[str, list[int]]]
+                      ) -> tuple[_Layout, list[int], list[str]]:
+        """The kernel's layout for these outputs, which output each item reads and the saturation maps' layers."""
+        key = ("kernel", id(plan))  # (a plan lives on in the cache, as its specs do)
+        if key not in self._cache:
+            layout, order = _output_layout(specs, plan)
+            self._cache[key] = layout, order, [specs[order[item]].name for item, _, _, _ in layout.maps]
+        return self._cache[key]
+
+    def _grad_items(self, specs: Sequence[_Spec], blocks: dict[int, int]) -> tuple[_Layout, list[int], dict[int, int]]:
+        """The kernel's layout for these gradients (see _grad_layout); `blocks`: sizes of those already reduced."""
+        plan = self._plan(specs)
+        key = ("kernel-grads", id(plan), tuple(blocks))
+        if key not in self._cache:
+            self._cache[key] = _grad_layout(specs, plan, blocks)
+        return self._cache[key]
+
+    def _reduce_outputs(self, specs: Sequence[_Spec], plan: list[tuple[str, list[int]]],
+                        outs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Each group of same-kind, same-shape outputs stacked and reduced in one go (see _reduce_group),
         all in one flat tensor; `_parse_outputs` reads it back in the same order."""
-        plan = self._plan(specs)
         if _on_cpu(outs):
-            key = ("kernel", tuple(map(id, specs)))
-            if key not in self._cache:
-                self._cache[key] = _output_layout(specs, plan)
-            layout, order = self._cache[key]
-            block, maps = layout.run([outs[i] for i in order])
-            self._maps.extend(zip([specs[order[item]].name for item, _, _, _ in layout.maps], maps, strict=True))
+            layout, order, names = self._output_items(specs, plan)
+            block, cells = layout.run([outs[i] for i in order])
+            self._maps.extend(zip(names, cells, strict=True))
             return block
         parts: list[torch.Tensor] = []
         for kind, idx in plan:
@@ -980,11 +1043,15 @@ class Recorder:
         """Per group of same-shape gradients their sums and sums of squares; for activations also
         HIST_BINS + 2 counts in units of each gradient's own std. `ready`: blocks of large gradients
         (groups of one) already reduced, as they arrived in the backward pass."""
-        plan = self._plan(specs)
         if _on_cpu(grads):
-            return self._reduce_grads_on_cpu(specs, plan, grads, ready)
+            blocks = {i: b for i, b in enumerate(ready or []) if b is not None}
+            layout, order, starts = self._grad_items(specs, {i: b.numel() for i, b in blocks.items()})
+            out, _ = layout.run([grads[i] for i in order])
+            for i, b in blocks.items():
+                out[starts[i]:starts[i] + b.numel()] = b
+            return out
         parts: list[torch.Tensor] = []
-        for kind, idx in plan:
+        for kind, idx in self._plan(specs):
             block = ready[idx[0]] if ready is not None else None
             if block is not None:
                 parts.append(block)
@@ -998,19 +1065,42 @@ class Recorder:
                 parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
         return torch.cat(parts)
 
-    def _reduce_grads_on_cpu(self, specs: Sequence[_Spec], plan: list[tuple[str, list[int]]],
-                             grads: Sequence[torch.Tensor | None], ready: Sequence[torch.Tensor | None] | None
-                             ) -> torch.Tensor:
-        """_reduce_grads by the kernel: the same slots, with the blocks reduced in backward put in their place."""
-        blocks = {i: b for i, b in enumerate(ready or []) if b is not None}
-        key = ("kernel-grads", tuple(map(id, specs)), tuple(blocks))
+    @torch.no_grad()
+    def _reduce_on_cpu(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
+                       ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None
+                       ) -> tuple[torch.Tensor, int]:
+        """By the kernel in one call, the slots of _reduce_outputs (the outputs still buffered), _reduce_grads
+        (these gradients) and _reduce_params, one after the other; and where the parameters' slots begin
+        (the slots before them are what processes add up)."""
+        layouts: list[_Layout] = []
+        xs: list[torch.Tensor | None] = []
+        names: list[str] = []
+        if self._outs:
+            out_specs, plan = self._buffered()
+            layout, order, names = self._output_items(out_specs, plan)
+            layouts.append(layout)
+            xs += [self._outs[i] for i in order]
+            self._outs, self._pending = [], 0
+        blocks = {i: b for i, b in enumerate(ready) if b is not None}
+        if specs:
+            layout, order, starts = self._grad_items(specs, {i: b.numel() for i, b in blocks.items()})
+            starts = {i: start + sum(lay.size for lay in layouts) for i, start in starts.items()}
+            layouts.append(layout)
+            xs += [grads[i] for i in order]
+        split = sum(layout.size for layout in layouts)
+        y_block = before.block if before is not None else None
+        if t.ps:
+            layout, params = t.items(y_block is not None)
+            layouts.append(layout)
+            xs += params
+        key = ("joined", *map(id, layouts))
         if key not in self._cache:
-            self._cache[key] = _grad_layout(specs, plan, {i: b.numel() for i, b in blocks.items()})
-        layout, order, starts = self._cache[key]
-        out, _ = layout.run([grads[i] for i in order])
+            self._cache[key] = _Layout.joined(layouts)
+        block, maps = self._cache[key].run(xs, y_block)
+        self._maps.extend(zip(names, maps, strict=True))
         for i, b in blocks.items():
-            out[starts[i]:starts[i] + b.numel()] = b
-        return out
+            block[starts[i]:starts[i] + b.numel()] = b
+        return block, split
 
     def _trainable(self) -> _Trainable:
         """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
@@ -1040,8 +1130,8 @@ class Recorder:
         w, rest = t.w, t.rest
         if t.by_kernel:  # the kernel, in one call
             block = before.block if before is not None else None
-            xs = [*w, *(p.grad for p in w), *(w if block is not None else []), *rest, *(p.grad for p in rest)]
-            return t.layout("params" if block is None else "params+updates").run(xs, block)[0]
+            layout, xs = t.items(block is not None)
+            return layout.run(xs, block)[0]
         g = [_grad_or_zeros(p) for p in w]
         copies = before.copies if before is not None else None
         measured_tensors = w + g + (list(torch._foreach_sub(w, copies)) if copies is not None else [])
@@ -1061,27 +1151,45 @@ class Recorder:
         Returns a `RawPass`: the numbers as one array, read into `PassStats` only when asked (`.stats()`),
         so that a training loop pays for the device work and the transfer, not for the bookkeeping.
         `before`: a `snapshot_params()` taken before the optimizer step."""
-        self._flush()
-        parts = list(self._partials)
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
-        grads: dict[int, torch.Tensor] = {}
-        ready: dict[int, torch.Tensor] = {}  # large gradients, reduced as they arrived
         grad_index: list[int] = []  # in pass order, as _grad_sources is
+        grad_list: list[torch.Tensor | None] = []  # their gradients, or None where ...
+        ready_list: list[torch.Tensor | None] = []  # ... it was large and reduced as it arrived, to this block
         for i, t, version in self._grad_sources:
             unchanged = t._version == version
             if t.retains_grad:
                 g, t.grad = t.grad, None
                 if g is not None and unchanged:
-                    grads[i] = g
                     grad_index.append(i)
+                    grad_list.append(g)
+                    ready_list.append(None)
             elif unchanged and i in self._grad_blocks:
-                ready[i] = self._grad_blocks[i]
                 grad_index.append(i)
-        if grad_index:
-            parts.append(self._reduce_grads([self._specs[i] for i in grad_index],
-                                            [grads.get(i) for i in grad_index], [ready.get(i) for i in grad_index]))
+                grad_list.append(None)
+                ready_list.append(self._grad_blocks[i])
+        grad_specs = [self._specs[i] for i in grad_index]
+        trainable = self._trainable()
+        ps = trainable.ps
+        if before is not None:
+            usable = before.block if trainable.by_kernel else before.copies
+            if before.trainable is not trainable or usable is None:
+                before = None  # the trainable weights (or the way they are reduced) changed: no update to measure
+        # Two parts: what the processes under torch.distributed add up (outputs, gradients) and the rest.
+        own: torch.Tensor | None = None
         world = world_size()
+        if trainable.by_kernel and _on_cpu(self._outs) and _on_cpu(grad_list):
+            block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before)
+            if world == 1 or not ps:
+                parts = [*self._partials, block]
+            else:
+                parts, own = [*self._partials, block[:split]], block[split:]
+        else:
+            self._flush()
+            parts = list(self._partials)
+            if grad_index:
+                parts.append(self._reduce_grads(grad_specs, grad_list, ready_list))
+            own = self._reduce_params(trainable, before) if ps else None
         if world > 1 and parts:
             # Under torch.distributed every rank measured its own share of the batch. Sums, sums of squares,
             # counts, histogram bins and per-unit counts all add up: one collective on one buffer makes
@@ -1089,33 +1197,29 @@ class Recorder:
             packed = torch.cat(parts)
             torch.distributed.all_reduce(packed)
             parts = [packed]
-        trainable = self._trainable()
-        ps = trainable.ps
-        if before is not None:
-            usable = before.block if trainable.by_kernel else before.copies
-            if before.trainable is not trainable or usable is None:
-                before = None  # the trainable weights (or the way they are reduced) changed: no update to measure
-        if ps:
-            parts.append(self._reduce_params(trainable, before))
+        if own is not None:
+            parts.append(own)
         flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         if flags:
             at = parts[0].device if parts else flags[0].device
             parts.append(torch.stack([f.to(at) for f in flags]).float())
-        device = parts[0].device if parts else None
-        host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
-            else np.zeros(0)
+        if len(parts) == 1 and parts[0].is_cpu:  # (the kernel's one block, made for this pass)
+            host = parts[0].numpy()
+        else:
+            device = parts[0].device if parts else None
+            host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
+                else np.zeros(0, np.float32)
         raw = RawPass(
-            host=host, chunks=[(c, self._plan(c)) for c in self._chunk_layouts],
-            grads=grad_index,
+            host=host, chunks=self._chunks, grads=grad_index,
             params=trainable.described, has_grad=[p.grad is not None for _, p, _ in ps],
             weights=trainable.weights, updates_measured=before is not None, lr=lr,
-            maps=list(self._maps), finite_flags=[n for n, _, _ in self._finite_flags],
-            grad_flags=[n for n, _ in self._grad_flags], consumers=dict(self._consumers),
-            inputs_checked=self._inputs_finite is not None, world=world, stale=set(self._stale),
+            maps=self._maps, finite_flags=[n for n, _, _ in self._finite_flags],
+            grad_flags=[n for n, _ in self._grad_flags], consumers=self._consumers,
+            inputs_checked=self._inputs_finite is not None, world=world, stale=self._stale,
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
-                           list(self._mode_events), dict(self._bn_batches), list(self._bias_before_norm)),
+                           self._mode_events, self._bn_batches, self._bias_before_norm),
         )
         self._reset()
         return raw
