@@ -20,7 +20,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import tomllib
 from pathlib import Path
 
 import torch
@@ -43,11 +45,19 @@ def extract(rev: str, into: Path) -> str:
         text = re.sub(r"\bimport nnvitals\b", "import nnvitals_ab as nnvitals", text)
         source.write_text(text)
     here = ROOT / "src" / "nnvitals"
-    if (package / "_kernel.c").exists() and (package / "_kernel.c").read_bytes() == (here / "_kernel.c").read_bytes():
+    source = package / "_kernel.c"
+    if not source.exists():
+        return "torch ops (it has no _kernel.c)"
+    if source.read_bytes() == (here / "_kernel.c").read_bytes():
         for built in here.glob("_kernel*.so"):  # the same C source: this checkout's build serves both
             shutil.copy(built, package / built.name)
         return "compiled kernel"
-    return "torch ops (it has no _kernel.c, or one unlike this checkout's: build it there to compare kernels)"
+    # another C source: built here as the package build does it (the flags of pyproject.toml)
+    flags = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["ext-modules"][0]
+    target = package / f"_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run([sysconfig.get_config_var("CC").split()[0], *flags["extra-compile-args"], "-shared", "-fPIC",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)], check=True)
+    return "its own compiled kernel"
 
 
 def cycle_us(times: list[float], every: int, skip: int) -> float:

@@ -302,10 +302,11 @@ class Monitor:
     def sampled(self, step: int) -> bool:
         return step % self.every == 0
 
-    def _arm(self) -> None:
+    def _arm(self, before: Snapshot | None = None) -> None:
+        """Attach the hooks and copy the weights (unless `before` is that copy) for a sampled step, else detach."""
         if self.sampled(self.steps):
             self._recorder.attach()
-            self._before = self._recorder.snapshot_params()
+            self._before = before or self._recorder.snapshot_params()
         elif self._recorder.attached:
             self._recorder.detach()
             self._before = None
@@ -332,8 +333,10 @@ class Monitor:
         if not self._entered:
             raise RuntimeError("use the Monitor as a context manager: `with nnvitals.Monitor(model) as mon:`")
         recorder = self._recorder
+        before = None  # the weights' copy for the next step, when that one is sampled too
         if recorder.attached and self.steps % self.every == 0:
-            raw = recorder.collect(before=self._before)
+            raw = recorder.collect(before=self._before, snapshot=self.sampled(self.steps + 1))
+            before = recorder.snapshot if self.sampled(self.steps + 1) else None
             # keep the loss as it is (a tensor is read with the rest, when asked): no extra host sync here
             kept = loss.detach() if isinstance(loss, torch.Tensor) else loss
             if self.steps == 0:
@@ -357,7 +360,7 @@ class Monitor:
                 recorder.detach()
         self.steps += 1
         if recorder.attached or self.steps % self.every == 0:  # else nothing to arm or disarm (most steps)
-            self._arm()
+            self._arm(before)
 
     @property
     def history(self) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 3  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 4  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -252,6 +252,7 @@ class _Trainable:
     weights: list[int]  # indices into `ps` of the weights, parameters of 2 dimensions or more
     on_cpu: bool  # all in host memory, where the kernel (when built) can take them
     layouts: dict[str, _Layout] = field(default_factory=dict)  # the kernel's, built when first needed
+    _block: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         weights = set(self.weights)
@@ -271,16 +272,23 @@ class _Trainable:
         xs = [*w, *(p.grad for p in w), *(w if updates else []), *rest, *(p.grad for p in rest)]
         return self.layout("params+updates" if updates else "params"), xs
 
+    def copy_block(self) -> torch.Tensor:
+        """The one block the kernel copies the weights into (see `layout("copy")`), made when first needed."""
+        if self._block is None:
+            self._block = torch.empty(sum(t.numel() for t in self.w))
+        return self._block
+
     def layout(self, what: str) -> _Layout:
-        """The kernel's items for the weights' copy ("copy") or the parameters' statistics ("params",
-        "params+updates"), in the slots `_reduce_params` writes with torch ops."""
+        """The kernel's items for the weights' copy into `copy_block()` ("copy") or the parameters' statistics
+        ("params", "params+updates"), in the slots `_reduce_params` writes with torch ops."""
         if what not in self.layouts:
             w_sizes, rest_sizes = [t.numel() for t in self.w], [t.numel() for t in self.rest]
+            starts = np.cumsum([0, *w_sizes[:-1]], dtype=np.int64) * 4  # each weight's bytes in the copy
             layout = _Layout()
-            if what == "copy":
-                for start, n in zip(np.cumsum([0, *w_sizes[:-1]]).tolist(), w_sizes, strict=True):
-                    layout.add(n, mode="copy", o_sum=start)
-                layout.size = sum(w_sizes)
+            if what == "copy":  # no slots: each weight to its place in the block given to `run`
+                for n in w_sizes:
+                    layout.add(n, mode="copy")
+                layout.y_offsets, layout.y_rows = starts, np.ones(len(w_sizes), np.int64)
             else:  # sums of what is measured, then the sums of squares of everything
                 counts = w_sizes * (3 if what == "params+updates" else 2) + rest_sizes * 2
                 measured = len(counts) - 2 * len(rest_sizes)
@@ -288,7 +296,6 @@ class _Trainable:
                     layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
                 layout.size = measured + len(counts)
                 if what == "params+updates":  # the update rows subtract the weights' copy, at these bytes of it
-                    starts = np.cumsum([0, *w_sizes[:-1]], dtype=np.int64) * 4
                     layout.y_offsets = np.zeros(len(counts), np.int64)
                     layout.y_offsets[2 * len(w_sizes):3 * len(w_sizes)] = starts
                     layout.y_rows = np.zeros(len(counts), np.int64)
@@ -417,7 +424,6 @@ class _Layout:
         self.maps: list[tuple[int, int, int, int]] = []  # (item, first cell, rows, units) of saturation maps
         self.cells = 0  # saturation-map cells in all
         self._items: np.ndarray | None = None
-        self._out: torch.Tensor | None = None
         self._y: tuple[int, int] | None = None  # (address, size) of the y block the items point into
         # rows whose `y` lies in one block given to `run` (1 in y_rows), at these byte offsets of it
         self.y_rows: np.ndarray | None = None
@@ -462,12 +468,11 @@ class _Layout:
             joined.y_rows, joined.y_offsets = np.concatenate(y_rows), np.concatenate(y_offsets)
         return joined
 
-    def run(self, xs: Sequence[torch.Tensor | None], y_block: torch.Tensor | None = None, *,
-            reuse: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def run(self, xs: Sequence[torch.Tensor | None], y_block: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, list[np.ndarray]]:
         """The block for these tensors (one per row, in order; None: zeros), minus, for the rows marked in
-        `y_rows`, the values at `y_offsets` of `y_block` (a float32 block); plus the saturation maps the
-        rows asked for. `reuse`: write into the block of the previous call (whose contents the caller no
-        longer needs), sparing a large allocation."""
+        `y_rows`, the values at `y_offsets` of `y_block` (a float32 block), which copy rows write to instead;
+        plus the saturation maps the rows asked for."""
         if self._items is None:
             self._items = np.zeros(len(self.rows), _ITEM)
             for key in self.rows[0] if self.rows else ():
@@ -479,16 +484,15 @@ class _Layout:
         items = self._items  # one pass at a time per layout: only the addresses change
         keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
         items["x"] = self._addresses(xs, keep)
-        if y_block is not None and self.y_rows is not None and self.y_offsets is not None \
-                and self._y != (y_block.data_ptr(), y_block.numel()):  # (the weights' copy is one reused block)
+        if self.y_rows is not None and self.y_offsets is not None \
+                and (y_block is None or self._y != (y_block.data_ptr(), y_block.numel())):  # (usually the same)
             ends = self.y_offsets + self.y_rows * 4 * items["numel"]
-            if not (y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
-                    and int(ends.max(initial=0)) <= 4 * y_block.numel()):
+            if y_block is None or not (y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
+                                       and int(ends.max(initial=0)) <= 4 * y_block.numel()):
                 raise RuntimeError("nnvitals: the weights' copy does not match the weights")
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
             self._y = y_block.data_ptr(), y_block.numel()
-        out = self._out if reuse and self._out is not None else torch.empty(self.size)
-        self._out = out if reuse else None
+        out = torch.empty(self.size)
         assert _kernel is not None
         _kernel.reduce(self._at[0], len(items), out.data_ptr(), self.size, self._at[1], self.cells,
                        HIST_BINS, SATURATION_CUT, DEAD_CUT)
@@ -694,6 +698,7 @@ class Recorder:
         self._stack: list[nn.Module] = []
         self._cache: dict[Any, Any] = {}
         self._spec_cache: dict[tuple[str, tuple[int, ...], str | None], _Spec] = {}
+        self.snapshot: Snapshot | None = None  # the weights' copy last taken (snapshot_params, collect)
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -1067,11 +1072,12 @@ class Recorder:
 
     @torch.no_grad()
     def _reduce_on_cpu(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
-                       ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None
+                       ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None, snapshot: bool
                        ) -> tuple[torch.Tensor, int]:
         """By the kernel in one call, the slots of _reduce_outputs (the outputs still buffered), _reduce_grads
-        (these gradients) and _reduce_params, one after the other; and where the parameters' slots begin
-        (the slots before them are what processes add up)."""
+        (these gradients) and _reduce_params, one after the other, and with `snapshot` the weights' copy last
+        (after the updates have read the one it replaces); and where the parameters' slots begin (the slots
+        before them are what processes add up)."""
         layouts: list[_Layout] = []
         xs: list[torch.Tensor | None] = []
         names: list[str] = []
@@ -1088,11 +1094,14 @@ class Recorder:
             layouts.append(layout)
             xs += [grads[i] for i in order]
         split = sum(layout.size for layout in layouts)
-        y_block = before.block if before is not None else None
         if t.ps:
-            layout, params = t.items(y_block is not None)
+            layout, params = t.items(before is not None)
             layouts.append(layout)
             xs += params
+        if snapshot and t.w:
+            layouts.append(t.layout("copy"))
+            xs += t.w
+        y_block = t.copy_block() if before is not None or (snapshot and t.w) else None
         key = ("joined", *map(id, layouts))
         if key not in self._cache:
             self._cache[key] = _Layout.joined(layouts)
@@ -1118,10 +1127,12 @@ class Recorder:
         """Copies of the weights, to measure the next update against."""
         t = self._trainable()
         if not t.by_kernel:
-            return Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
-        # all copied into one block by the kernel, in one call; one snapshot lives at a time (collect uses it,
-        # the next sample replaces it), so the block is reused
-        return Snapshot(t, block=t.layout("copy").run(t.w, reuse=True)[0])
+            self.snapshot = Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
+        else:  # all copied by the kernel, in one call, into the parameters' one block: one snapshot lives at a
+            # time (collect uses it, the next sample replaces it)
+            t.layout("copy").run(t.w, t.copy_block())
+            self.snapshot = Snapshot(t, block=t.copy_block())
+        return self.snapshot
 
     def _reduce_params(self, t: _Trainable, before: Snapshot | None) -> torch.Tensor:
         """For the weights: the sums and sums of squares of the weights, their gradients and, given `before`
@@ -1145,12 +1156,14 @@ class Recorder:
 
     # -- collecting ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, *, before: Snapshot | None = None, lr: float | None = None) -> RawPass:
+    def collect(self, *, before: Snapshot | None = None, lr: float | None = None, snapshot: bool = False
+                ) -> RawPass:
         """Reduce everything recorded since the last collect and move it to the host in one transfer.
 
         Returns a `RawPass`: the numbers as one array, read into `PassStats` only when asked (`.stats()`),
         so that a training loop pays for the device work and the transfer, not for the bookkeeping.
-        `before`: a `snapshot_params()` taken before the optimizer step."""
+        `before`: a `snapshot_params()` taken before the optimizer step. `snapshot`: then take the next one
+        (`self.snapshot`), on the CPU in the same kernel call."""
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
         grad_index: list[int] = []  # in pass order, as _grad_sources is
@@ -1179,7 +1192,10 @@ class Recorder:
         own: torch.Tensor | None = None
         world = world_size()
         if trainable.by_kernel and _on_cpu(self._outs) and _on_cpu(grad_list):
-            block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before)
+            block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before, snapshot)
+            if snapshot:
+                self.snapshot = Snapshot(trainable, block=trainable.copy_block())
+                snapshot = False
             if world == 1 or not ps:
                 parts = [*self._partials, block]
             else:
@@ -1222,6 +1238,8 @@ class Recorder:
                            self._mode_events, self._bn_batches, self._bias_before_norm),
         )
         self._reset()
+        if snapshot:
+            self.snapshot_params()
         return raw
 
 
