@@ -23,6 +23,7 @@ import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, cast
 
@@ -408,6 +409,8 @@ _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "
                                           "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
                  + [("lo", np.float64), ("hi", np.float64)])
 _IS_CPU = operator.attrgetter("is_cpu")
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
 _NBYTES = operator.attrgetter("nbytes")
 _PARAM_STATE = operator.attrgetter("requires_grad", "shape", "is_cpu")  # what decides the trainable set
 _MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5}
@@ -787,10 +790,13 @@ class Recorder:
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]] = []  # reduced outputs: specs, plan
         self._maps: list[tuple[str, torch.Tensor | np.ndarray]] = []  # layer name -> saturation-map cells
-        # (spec index, output, its version): outputs whose gradient autograd keeps for us (retain_grad) or,
-        # for large ones, a hook reduces as it arrives (into _grad_blocks)
-        self._grad_sources: list[tuple[int, torch.Tensor, int]] = []
+        # outputs whose gradient autograd keeps for us (retain_grad) or, for large ones, a hook reduces as it
+        # arrives (into _grad_blocks); beside them their spec indices and their versions then
+        self._grad_outs: list[torch.Tensor] = []
+        self._grad_at: list[int] = []
+        self._grad_versions: list[int] = []
         self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
+        self._grad_hooked = False  # whether some gradient is reduced as it comes (so not retained)
         # id of a recorded output (or, with trace_all, any module's) -> (the output, its name, its module,
         # its place among this pass's records or -1)
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None, int]] = {}
@@ -967,10 +973,13 @@ class Recorder:
         self._producers[id(out)] = (out, spec.name, module, index)
         if out.requires_grad:
             if numel >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
+                self._grad_hooked = True
                 out.register_hook(self._grad_reducer(index))
             else:  # retain_grad costs one C++ call, a Python hook several times more
                 out.retain_grad()
-            self._grad_sources.append((index, out, out._version))
+            self._grad_outs.append(out)
+            self._grad_at.append(index)
+            self._grad_versions.append(out._version)
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(spec.name))
         self._pending += numel
@@ -1043,6 +1052,7 @@ class Recorder:
                 self._maps.extend(zip([specs[i].name for i in idx], maps, strict=True))
         return torch.cat(parts)
 
+    @torch.no_grad()
     def _reduce_grads(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
                       ready: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Per group of same-shape gradients their sums and sums of squares; for activations also
@@ -1070,7 +1080,6 @@ class Recorder:
                 parts.append(_histograms(x, -GRAD_HIST_SIGMAS, GRAD_HIST_SIGMAS, False, std[:, None]))
         return torch.cat(parts)
 
-    @torch.no_grad()
     def _reduce_on_cpu(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
                        ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None, snapshot: bool
                        ) -> tuple[torch.Tensor, int]:
@@ -1122,18 +1131,19 @@ class Recorder:
                                           all(p.is_cpu for _, p, _ in ps))
         return self._cache[key]
 
-    @torch.no_grad()
     def snapshot_params(self) -> Snapshot:
         """Copies of the weights, to measure the next update against."""
         t = self._trainable()
         if not t.by_kernel:
-            self.snapshot = Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
+            with torch.no_grad():
+                self.snapshot = Snapshot(t, copies=list(torch._foreach_mul(t.w, 1.0)))
         else:  # all copied by the kernel, in one call, into the parameters' one block: one snapshot lives at a
             # time (collect uses it, the next sample replaces it)
             t.layout("copy").run(t.w, t.copy_block())
             self.snapshot = Snapshot(t, block=t.copy_block())
         return self.snapshot
 
+    @torch.no_grad()
     def _reduce_params(self, t: _Trainable, before: Snapshot | None) -> torch.Tensor:
         """For the weights: the sums and sums of squares of the weights, their gradients and, given `before`
         (one copy per weight), their updates. For the other parameters (biases, gains): their sums of
@@ -1155,7 +1165,6 @@ class Recorder:
         return torch.cat(parts)
 
     # -- collecting ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def collect(self, *, before: Snapshot | None = None, lr: float | None = None, snapshot: bool = False
                 ) -> RawPass:
         """Reduce everything recorded since the last collect and move it to the host in one transfer.
@@ -1166,21 +1175,34 @@ class Recorder:
         (`self.snapshot`), on the CPU in the same kernel call."""
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
-        grad_index: list[int] = []  # in pass order, as _grad_sources is
-        grad_list: list[torch.Tensor | None] = []  # their gradients, or None where ...
-        ready_list: list[torch.Tensor | None] = []  # ... it was large and reduced as it arrived, to this block
-        for i, t, version in self._grad_sources:
-            unchanged = t._version == version
-            if t.retains_grad:
-                g, t.grad = t.grad, None
-                if g is not None and unchanged:
+        outs = self._grad_outs
+        grad_list: list[torch.Tensor | None]
+        ready_list: list[torch.Tensor | None]
+        if not self._grad_hooked:  # the usual case, all retained: without a Python loop where all is well
+            grad_list = list(map(_GRAD, outs))
+            for t in outs:
+                t.grad = None
+            if all(map(operator.is_not, grad_list, repeat(None))) and list(map(_VERSION, outs)) == self._grad_versions:
+                grad_index, ready_list = self._grad_at, [None] * len(outs)
+            else:
+                kept = [k for k, (g, t, v) in enumerate(zip(grad_list, outs, self._grad_versions, strict=True))
+                        if g is not None and t._version == v]
+                grad_index, grad_list = [self._grad_at[k] for k in kept], [grad_list[k] for k in kept]
+                ready_list = [None] * len(kept)
+        else:
+            grad_index, grad_list, ready_list = [], [], []
+            for i, t, version in zip(self._grad_at, outs, self._grad_versions, strict=True):
+                unchanged = t._version == version
+                if t.retains_grad:
+                    g, t.grad = t.grad, None
+                    if g is not None and unchanged:
+                        grad_index.append(i)
+                        grad_list.append(g)
+                        ready_list.append(None)
+                elif unchanged and i in self._grad_blocks:  # large: reduced as it arrived, to this block
                     grad_index.append(i)
-                    grad_list.append(g)
-                    ready_list.append(None)
-            elif unchanged and i in self._grad_blocks:
-                grad_index.append(i)
-                grad_list.append(None)
-                ready_list.append(self._grad_blocks[i])
+                    grad_list.append(None)
+                    ready_list.append(self._grad_blocks[i])
         grad_specs = [self._specs[i] for i in grad_index]
         trainable = self._trainable()
         ps = trainable.ps
