@@ -741,7 +741,8 @@ class Recorder:
             template = self._template
             if index == self._matched and index < len(template) and template[index][0] is module \
                     and type(out) is torch.Tensor:
-                _, spec, count, x_from = template[index]
+                entry_then = template[index]
+                _, spec, count, x_from = entry_then
                 x = args[0] if args else None
                 prod = self._producers.get(id(x))
                 if out.shape == spec.shape and torch.is_grad_enabled() \
@@ -752,7 +753,7 @@ class Recorder:
                         elif len(spec.shape) >= 2:
                             self._batchnorm_input(entry[2], spec.shape[0], prod if x_from >= 0 else None)
                     self._matched += 1
-                    self._keep(spec, count, module, out, x_from)
+                    self._keep(spec, count, module, out, x_from, entry_then)
                     return
             entry[1](module, args, out)  # the layer's own hook, which works everything out
 
@@ -800,7 +801,8 @@ class Recorder:
         # id of a recorded output (or, with trace_all, any module's) -> (the output, its name, its module,
         # its place among this pass's records or -1)
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None, int]] = {}
-        self._names_used: dict[str, int] = {}
+        self._names_used: dict[str, int] = {}  # calls so far per name, for the records up to _named
+        self._named = 0
         # What each record of a pass was: (module or None for a function, spec, its count among calls of that
         # name, the place of the record whose output was its input or -1). A pass that makes the same records
         # as the last one takes them from its entries instead of working them out again (see attach).
@@ -887,7 +889,8 @@ class Recorder:
                          ) -> None:
         """A BatchNorm in training: its batch size, and whether a bias right before it is wasted."""
         self._bn_batches[name] = batch
-        if producer is not None and isinstance(producer[2], _LINEAR) and getattr(producer[2], "bias", None) is not None:
+        if producer is not None and isinstance(producer[2], _LINEAR) \
+                and producer[2]._parameters.get("bias") is not None:  # (what `module.bias` reads, less slowly)
             self._bias_before_norm.append((producer[1], name))
 
     def _on_function(self, func: Any, kind: str, x: Any, out: torch.Tensor) -> None:
@@ -933,6 +936,10 @@ class Recorder:
                 x: torch.Tensor | None, out: torch.Tensor) -> None:
         if out.numel() == 0 or not out.is_floating_point():
             return
+        if self._named < len(self._entries):  # records kept since the last one worked out here: count their names
+            for _, kept, calls, _ in self._entries[self._named:]:
+                self._names_used[kept.base] = calls
+            self._named = len(self._entries)
         count = self._names_used.get(base, 0) + 1
         name = base if count == 1 else f"{base}#{count}"
         prod = self._producers.get(id(x)) if x is not None else None
@@ -953,22 +960,24 @@ class Recorder:
             self._matched += 1  # (a function's record, or a layer's worked out anew, may still be the same)
         self._keep(spec, count, module, out, x_from)
 
-    def _keep(self, spec: _Spec, count: int, module: nn.Module | None, out: torch.Tensor, x_from: int) -> None:
-        """Keep a recorded output (or a copy) for reduction and ask for its gradient."""
+    def _keep(self, spec: _Spec, count: int, module: nn.Module | None, out: torch.Tensor, x_from: int,
+              entry: tuple[nn.Module | None, _Spec, int, int] | None = None) -> None:
+        """Keep a recorded output (or a copy) for reduction and ask for its gradient. `entry`: the template's,
+        when it is the same."""
         index = len(self._specs)
         self._specs.append(spec)
-        self._entries.append((module, spec, count, x_from))
-        self._names_used[spec.base] = count
+        self._entries.append(entry or (module, spec, count, x_from))
         # An output other than an activation's is reduced right away when large (below), else copied as it is
         # now if the layer's output has been seen changed in place (a Linear's before an in-place ReLU) or has
         # not been seen yet, and checked for changes when it is reduced.
         # (No detach: the reductions run without autograd and only read the values.)
         numel = spec.numel
         reduce_now = not spec.protected and numel >= STACK_LIMIT
+        version = out._version
         if spec.protected or reduce_now:
             self._outs.append(out)
         else:
-            self._unprotected.append((index, out, out._version, spec.copy))
+            self._unprotected.append((index, out, version, spec.copy))
             self._outs.append(out.detach().clone() if spec.copy else out)
         self._producers[id(out)] = (out, spec.name, module, index)
         if out.requires_grad:
@@ -979,7 +988,7 @@ class Recorder:
                 out.retain_grad()
             self._grad_outs.append(out)
             self._grad_at.append(index)
-            self._grad_versions.append(out._version)
+            self._grad_versions.append(version)
             if self.trace_all:
                 out.register_hook(self._grad_flag_hook(spec.name))
         self._pending += numel
