@@ -14,12 +14,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4, COPY = 5 /* the values themselves, to y */ };
+enum {
+    MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4,
+    COPY = 5,       /* the values themselves, to y */
+    UPDATE = 6,     /* a weight: also the sum and the sum of squares of x - y (its update) at o_usum, o_usq */
+    UPDATE_COPY = 7 /* UPDATE, then x copied to y (the copy the next update is measured against) */
+};
 
 typedef struct {
     int64_t x;                   /* address of the float32 values; 0: all zeros (a missing gradient) */
-    int64_t y;                   /* address subtracted element-wise (a weight's copy before the step), 0: none;
-                                    COPY: where the values are copied to */
+    int64_t y;                   /* UPDATE: the weight's copy before the step; COPY: where x is copied to */
     int64_t outer, units, inner; /* value (o, u, i) at (o * units + u) * inner + i; an example is (o, i) */
     int64_t mode;                /* what is measured beyond the sum and the sum of squares */
     int64_t o_sum, o_sq;         /* where the results go in `out` (float32 slots); -1: not wanted */
@@ -27,6 +31,7 @@ typedef struct {
     int64_t cells;               /* offset of a map_rows x map_units bool map in `cells`; -1: none */
     int64_t map_rows, map_units;
     int64_t numel;               /* outer * units * inner (checked on the Python side) */
+    int64_t o_usum, o_usq;       /* UPDATE: where the update's sum and sum of squares go */
     double lo, hi;               /* histogram range (GRAD: in units of the tensor's own std) */
 } item_t;
 
@@ -46,11 +51,9 @@ static inline lanes_t load(const float *p) {
     return v;
 }
 
-/* Sum and sum of squares of x (minus y, where given) in 16 float32 accumulators, four independent chains of
- * adds, so that one add need not wait for the one before. */
-static void moments(const item_t *it, int64_t n, double *sum, double *sq) {
-    const float *x = (const float *)(intptr_t)it->x;
-    const float *y = (const float *)(intptr_t)it->y;
+/* Sum and sum of squares of x in 16 float32 accumulators, four independent chains of adds, so that one add
+ * need not wait for the one before. */
+static void moments(const float *x, int64_t n, double *sum, double *sq) {
     double a = 0.0, b = 0.0;
     for (int64_t start = 0; x != NULL && start < n; start += BLOCK) {
         const int64_t end = n - start < BLOCK ? n : start + BLOCK;
@@ -58,17 +61,15 @@ static void moments(const item_t *it, int64_t n, double *sum, double *sq) {
         int64_t i = start;
         for (; i + 16 <= end; i += 16) {
             for (int k = 0; k < 4; k++) {
-                lanes_t v = load(x + i + 4 * k);
-                if (y != NULL) v -= load(y + i + 4 * k); /* the update, w - before, in float32 as torch has it */
+                const lanes_t v = load(x + i + 4 * k);
                 s[k] += v;
                 q[k] += v * v;
             }
         }
         float fa = 0.0f, fb = 0.0f;
         for (; i < end; i++) {
-            const float v = y != NULL ? x[i] - y[i] : x[i];
-            fa += v;
-            fb += v * v;
+            fa += x[i];
+            fb += x[i] * x[i];
         }
         for (int k = 0; k < 4; k++) {
             for (int l = 0; l < 4; l++) {
@@ -81,6 +82,46 @@ static void moments(const item_t *it, int64_t n, double *sum, double *sq) {
     }
     *sum = a;
     *sq = b;
+}
+
+/* A weight in one pass: the sums of w and of its update w - before (in float32, as torch has it), and with
+ * `copy` w written over `before` as each value has been read. */
+static void weight_pass(const float *w, float *before, int64_t n, int copy, double *out) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* sum, squares of w; sum, squares of the update */
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        const int64_t end = n - start < BLOCK ? n : start + BLOCK;
+        lanes_t s[2] = {{0}}, q[2] = {{0}}, us[2] = {{0}}, uq[2] = {{0}};
+        int64_t i = start;
+        for (; i + 8 <= end; i += 8) {
+            for (int k = 0; k < 2; k++) {
+                const lanes_t v = load(w + i + 4 * k), u = v - load(before + i + 4 * k);
+                s[k] += v;
+                q[k] += v * v;
+                us[k] += u;
+                uq[k] += u * u;
+            }
+            if (copy) memcpy(before + i, w + i, 8 * sizeof(float));
+        }
+        float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (; i < end; i++) {
+            const float v = w[i], u = v - before[i];
+            f[0] += v;
+            f[1] += v * v;
+            f[2] += u;
+            f[3] += u * u;
+            if (copy) before[i] = v;
+        }
+        for (int k = 0; k < 2; k++) {
+            for (int l = 0; l < 4; l++) {
+                f[0] += s[k][l];
+                f[1] += q[k][l];
+                f[2] += us[k][l];
+                f[3] += uq[k][l];
+            }
+        }
+        for (int j = 0; j < 4; j++) acc[j] += f[j];
+    }
+    for (int j = 0; j < 4; j++) out[j] = acc[j];
 }
 
 /* Histogram counts of x, bins + 2 of them (under- and overflow first and last), each value's bin computed
@@ -219,8 +260,17 @@ static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_
         if (x != NULL) memcpy((float *)(intptr_t)it->y, x, sizeof(float) * (size_t)n);
         return 0;
     }
+    if (it->mode == UPDATE || it->mode == UPDATE_COPY) {
+        double sums[4];
+        weight_pass(x, (float *)(intptr_t)it->y, n, it->mode == UPDATE_COPY, sums);
+        out[it->o_sum] = (float)sums[0];
+        out[it->o_sq] = (float)sums[1];
+        out[it->o_usum] = (float)sums[2];
+        out[it->o_usq] = (float)sums[3];
+        return 0;
+    }
     double sum, sq;
-    moments(it, n, &sum, &sq);
+    moments(x, n, &sum, &sq);
     if (it->o_sum >= 0) out[it->o_sum] = (float)sum;
     if (it->o_sq >= 0) out[it->o_sq] = (float)sq;
     if (it->mode == MOMENTS || x == NULL) return 0;
@@ -249,9 +299,12 @@ static int reduce_item(const item_t *it, const config_t *cfg, float *out, int64_
 /* Whether an item's slots lie inside a block of `size` floats: a layout bug must raise, not write past it. */
 static int fits(const item_t *it, int64_t size, int64_t bins, int64_t cells) {
     const int64_t n = it->outer * it->units * it->inner;
-    if (it->mode < MOMENTS || it->mode > COPY || it->outer < 0 || it->units < 0 || it->inner < 0 || n != it->numel)
+    if (it->mode < MOMENTS || it->mode > UPDATE_COPY || it->outer < 0 || it->units < 0 || it->inner < 0 || n != it->numel)
         return 0;
-    if (it->mode == COPY) return it->y != 0; /* (its bounds are checked on the Python side) */
+    if (it->mode == COPY) return it->x != 0 && it->y != 0; /* (y's bounds are checked on the Python side) */
+    if (it->mode == UPDATE || it->mode == UPDATE_COPY)
+        return it->x != 0 && it->y != 0 && it->o_sum >= 0 && it->o_sum < size && it->o_sq >= 0 && it->o_sq < size &&
+               it->o_usum >= 0 && it->o_usum < size && it->o_usq >= 0 && it->o_usq < size;
     if (it->o_sum >= size || it->o_sq >= size) return 0;
     if (it->mode == MOMENTS) return 1;
     if (it->o_hist < 0 || it->o_hist + bins + 2 > size) return 0;
@@ -311,7 +364,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 4
+#define KERNEL_VERSION 5
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     PyObject *m = PyModule_Create(&module);

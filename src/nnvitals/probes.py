@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 4  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 5  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -266,41 +266,48 @@ class _Trainable:
         """Whether the kernel reduces them: it is built and they are in host memory."""
         return self.on_cpu and _kernel is not None
 
-    def items(self, updates: bool) -> tuple[_Layout, list[torch.Tensor | None]]:
-        """The kernel's layout for the parameters' statistics (with their updates: measured against a weights'
-        copy given to `run`) and the tensors it reads."""
-        w, rest = self.w, self.rest
-        xs = [*w, *(p.grad for p in w), *(w if updates else []), *rest, *(p.grad for p in rest)]
-        return self.layout("params+updates" if updates else "params"), xs
+    def items(self, updates: bool, copy: bool = False) -> tuple[_Layout, list[torch.Tensor | None]]:
+        """The kernel's layout for the parameters' statistics and the tensors it reads. `updates`: also the
+        weights' updates, measured against `copy_block()` (given to `run`), which `copy` then overwrites with
+        the weights as they are now, in the same pass."""
+        what = "params+updates+copy" if updates and copy else "params+updates" if updates else "params"
+        return self.layout(what), [*self.w, *(p.grad for p in self.w), *self.rest, *(p.grad for p in self.rest)]
 
     def copy_block(self) -> torch.Tensor:
-        """The one block the kernel copies the weights into (see `layout("copy")`), made when first needed."""
+        """The one block the kernel copies the weights into (see `layout`), made when first needed."""
         if self._block is None:
             self._block = torch.empty(sum(t.numel() for t in self.w))
         return self._block
 
     def layout(self, what: str) -> _Layout:
         """The kernel's items for the weights' copy into `copy_block()` ("copy") or the parameters' statistics
-        ("params", "params+updates"), in the slots `_reduce_params` writes with torch ops."""
+        ("params", "params+updates", "params+updates+copy"), in the slots `_reduce_params` writes with torch
+        ops: the sums of what is measured of the weights (themselves, their gradients and their updates), then
+        the sums of squares of that and of the other parameters and their gradients."""
         if what not in self.layouts:
             w_sizes, rest_sizes = [t.numel() for t in self.w], [t.numel() for t in self.rest]
+            k = len(w_sizes)
             starts = np.cumsum([0, *w_sizes[:-1]], dtype=np.int64) * 4  # each weight's bytes in the copy
             layout = _Layout()
             if what == "copy":  # no slots: each weight to its place in the block given to `run`
                 for n in w_sizes:
                     layout.add(n, mode="copy")
-                layout.y_offsets, layout.y_rows = starts, np.ones(len(w_sizes), np.int64)
-            else:  # sums of what is measured, then the sums of squares of everything
-                counts = w_sizes * (3 if what == "params+updates" else 2) + rest_sizes * 2
-                measured = len(counts) - 2 * len(rest_sizes)
-                for q, n in enumerate(counts):
-                    layout.add(n, o_sum=q if q < measured else -1, o_sq=measured + q)
-                layout.size = measured + len(counts)
-                if what == "params+updates":  # the update rows subtract the weights' copy, at these bytes of it
-                    layout.y_offsets = np.zeros(len(counts), np.int64)
-                    layout.y_offsets[2 * len(w_sizes):3 * len(w_sizes)] = starts
-                    layout.y_rows = np.zeros(len(counts), np.int64)
-                    layout.y_rows[2 * len(w_sizes):3 * len(w_sizes)] = 1
+                layout.y_offsets, layout.y_rows = starts, np.ones(k, np.int64)
+            else:
+                updates = what != "params"
+                measured = (3 if updates else 2) * k
+                for j, n in enumerate(w_sizes):  # a weight, with its update measured in the same pass
+                    layout.add(n, mode=what.removeprefix("params+") if updates else "other", o_sum=j,
+                               o_sq=measured + j, o_usum=2 * k + j if updates else -1,
+                               o_usq=measured + 2 * k + j if updates else -1)
+                for j, n in enumerate(w_sizes):  # its gradient
+                    layout.add(n, o_sum=k + j, o_sq=measured + k + j)
+                for j, n in enumerate(rest_sizes * 2):  # the others and their gradients: only whether finite
+                    layout.add(n, o_sq=2 * measured + j)
+                layout.size = 2 * measured + 2 * len(rest_sizes)
+                if updates:
+                    layout.y_offsets = np.concatenate([starts, np.zeros(k + 2 * len(rest_sizes), np.int64)])
+                    layout.y_rows = (np.arange(len(layout.rows)) < k).astype(np.int64)
             self.layouts[what] = layout
         return self.layouts[what]
 
@@ -406,14 +413,15 @@ def _reduce_group(kind: str, x: torch.Tensor) -> tuple[list[torch.Tensor], torch
 # One tensor's share of the kernel's work (item_t in _kernel.c): where it is, its layout, what to measure of it
 # and at which float32 slots of the block its numbers go (-1: not wanted).
 _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "mode", "o_sum", "o_sq", "o_flag",
-                                          "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel")]
+                                          "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel", "o_usum",
+                                          "o_usq")]
                  + [("lo", np.float64), ("hi", np.float64)])
 _IS_CPU = operator.attrgetter("is_cpu")
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
 _NBYTES = operator.attrgetter("nbytes")
 _PARAM_STATE = operator.attrgetter("requires_grad", "shape", "is_cpu")  # what decides the trainable set
-_MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5}
+_MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5, "updates": 6, "updates+copy": 7}
 
 
 class _Layout:
@@ -434,6 +442,7 @@ class _Layout:
 
     def add(self, count: int, *, mode: str = "other", o_sum: int = -1, o_sq: int = -1,
             shape: tuple[int, int, int] | None = None, o_flag: int = -1, o_hist: int = -1, o_alive: int = -1,
+            o_usum: int = -1, o_usq: int = -1,
             hist_range: tuple[float, float] = (0.0, 1.0), saturation_map: bool = False) -> None:
         outer, units, inner = shape or (count, 1, 1)
         rows = units_kept = 0
@@ -444,7 +453,8 @@ class _Layout:
             cells = self.cells
             self.cells += rows * units_kept
         self.rows.append(dict(outer=outer, units=units, inner=inner, mode=_MODE[mode], o_sum=o_sum, o_sq=o_sq,
-                              o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, map_rows=rows, map_units=units_kept,
+                              o_flag=o_flag, o_hist=o_hist, o_alive=o_alive, o_usum=o_usum, o_usq=o_usq,
+                              map_rows=rows, map_units=units_kept,
                               numel=count, lo=hist_range[0], hi=hist_range[1], cells=cells))
 
     @staticmethod
@@ -457,7 +467,7 @@ class _Layout:
             shift, first = joined.size, len(joined.rows)
             for row in layout.rows:
                 row = dict(row)
-                for key in ("o_sum", "o_sq", "o_flag", "o_hist", "o_alive"):
+                for key in ("o_sum", "o_sq", "o_flag", "o_hist", "o_alive", "o_usum", "o_usq"):
                     row[key] += shift if row[key] >= 0 else 0
                 row["cells"] += joined.cells if row["cells"] >= 0 else 0
                 joined.rows.append(row)
@@ -1112,11 +1122,11 @@ class Recorder:
             layouts.append(layout)
             xs += [grads[i] for i in order]
         split = sum(layout.size for layout in layouts)
-        if t.ps:
-            layout, params = t.items(before is not None)
+        if t.ps:  # (the weights' copy for the next step taken as their updates are measured)
+            layout, params = t.items(before is not None, copy=snapshot)
             layouts.append(layout)
             xs += params
-        if snapshot and t.w:
+        if snapshot and t.w and before is None:
             layouts.append(t.layout("copy"))
             xs += t.w
         y_block = t.copy_block() if before is not None or (snapshot and t.w) else None

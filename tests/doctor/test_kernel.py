@@ -31,21 +31,25 @@ def test_a_layout_that_does_not_fit_its_block_is_refused():
     assert block[alive:].tolist() == [1.0] * 5  # zeros: not saturated, so every unit is alive
 
 
-def _passes(make_model, x, y, *, kernel: bool, monkeypatch, steps: int = 2):
+def _passes(make_model, x, y, *, kernel: bool, monkeypatch, steps: int = 2, chained: bool = False):
+    """`chained`: as Monitor(every=1) does, each collect also takes the next step's weights' copy (on the CPU in
+    the kernel pass that measures the updates)."""
     monkeypatch.setattr(probes, "_kernel", probes._kernel if kernel else None)
     torch.manual_seed(0)
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     rec = probes.Recorder(model)
     found = []
+    before = None
     for _ in range(steps):
         rec.attach()
-        before = rec.snapshot_params()
+        before = before if chained and before is not None else rec.snapshot_params()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        found.append(rec.collect(before=before).stats())
+        found.append(rec.collect(before=before, snapshot=chained).stats())
+        before = rec.snapshot
         rec.detach()
     monkeypatch.undo()
     return found
@@ -115,12 +119,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("chained", [False, True], ids=["snapshot-each-step", "snapshot-in-collect"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kernel_and_torch_ops_measure_the_same(case, monkeypatch):
+def test_kernel_and_torch_ops_measure_the_same(case, chained, monkeypatch):
     make_model, make_data = CASES[case]
     x, y = make_data(torch.Generator().manual_seed(1))
-    fast = _passes(make_model, x, y, kernel=True, monkeypatch=monkeypatch)
-    slow = _passes(make_model, x, y, kernel=False, monkeypatch=monkeypatch)
+    fast = _passes(make_model, x, y, kernel=True, monkeypatch=monkeypatch, steps=3, chained=chained)
+    slow = _passes(make_model, x, y, kernel=False, monkeypatch=monkeypatch, steps=3, chained=chained)
+    # every step's updates measured (momentum: each differs from -lr x gradient)
+    assert all(p.update_ratio is not None for a in fast for p in a.params if len(p.shape) >= 2)
     for a, b in zip(fast, slow, strict=True):
         assert [lay.name for lay in a.layers] == [lay.name for lay in b.layers]
         for la, lb in zip(a.layers, b.layers, strict=True):
