@@ -2,6 +2,7 @@
 ab.py compares two revisions in one process; the typical-step figure the benchmarks quote."""
 
 import argparse
+import importlib.machinery
 import importlib.util
 import subprocess
 import sys
@@ -90,3 +91,24 @@ def test_ab_compares_the_working_tree_with_a_revision_in_one_process():
 def test_ab_refuses_what_it_cannot_compare(args, says):
     done = subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith(says) and done.stderr.count("\n") == 1
+
+
+def test_ab_builds_the_kernel_of_a_revision_whose_c_source_differs(tmp_path):
+    """A/B across a kernel change measures each side with its own compiled kernel, not REV with torch ops."""
+    root = AB.parents[1]
+    last = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H", "--", "src/nnvitals/_kernel.c"],
+                          capture_output=True, text=True).stdout.strip()
+    if not last:
+        pytest.skip("no history of the kernel here (a shallow clone)")
+    spec = importlib.util.spec_from_file_location("ab", AB)
+    assert spec is not None and spec.loader is not None
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.extract(f"{last}^", tmp_path) == "its own compiled kernel"
+    source = (tmp_path / "nnvitals_ab" / "_kernel.c").read_text()
+    assert source != (root / "src" / "nnvitals" / "_kernel.c").read_text()
+    built = next((tmp_path / "nnvitals_ab").glob("_kernel*.so"))
+    loader = importlib.machinery.ExtensionFileLoader("nnvitals_ab._kernel", str(built))
+    kernel = importlib.util.module_from_spec(importlib.util.spec_from_loader("nnvitals_ab._kernel", loader))
+    loader.exec_module(kernel)
+    assert f"#define KERNEL_VERSION {kernel.VERSION}\n" in source
