@@ -355,18 +355,78 @@ static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *s_nbytes, *s_is_contiguous, *s_data_ptr, *s_dtype; /* interned attribute names */
+
+/* One tensor's address, where it holds exactly `numel` float32 values, contiguous (0: None, a zero tensor to
+ * the kernel); -1 where it does not (the caller converts it); -2 with an exception set. */
+static int64_t address(PyObject *t, int64_t numel, PyObject *float32) {
+    if (t == Py_None) return 0;
+    PyObject *v = PyObject_GetAttr(t, s_dtype);
+    if (v == NULL) return -2;
+    Py_DECREF(v); /* (torch's dtypes are singletons: compared by identity) */
+    if (v != float32) return -1;
+    v = PyObject_GetAttr(t, s_nbytes);
+    if (v == NULL) return -2;
+    const long long nbytes = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    if (nbytes == -1 && PyErr_Occurred()) return -2;
+    if (nbytes != 4 * numel) return -1;
+    v = PyObject_CallMethodNoArgs(t, s_is_contiguous);
+    if (v == NULL) return -2;
+    const int contiguous = v == Py_True;
+    Py_DECREF(v);
+    if (!contiguous) return -1;
+    v = PyObject_CallMethodNoArgs(t, s_data_ptr);
+    if (v == NULL) return -2;
+    const long long at = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return at == -1 && PyErr_Occurred() ? -2 : at;
+}
+
+/* addresses(items_address, count, tensors, float32): each tensor's address into its item's x, where it is as the
+ * kernel reads it; returns the index of the first that is not (the caller then goes through them itself,
+ * converting), or -1 when all were. */
+static PyObject *addresses(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "addresses(items, count, tensors: list, float32)");
+        return NULL;
+    }
+    item_t *items = (item_t *)(intptr_t)PyLong_AsLongLong(args[0]);
+    const int64_t count = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (PyList_GET_SIZE(args[2]) != count) {
+        PyErr_SetString(PyExc_ValueError, "addresses: one tensor per item");
+        return NULL;
+    }
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t at = address(PyList_GET_ITEM(args[2], k), items[k].numel, args[3]);
+        if (at == -2) return NULL;
+        if (at == -1) return PyLong_FromLongLong(k);
+        items[k].x = at;
+    }
+    return PyLong_FromLong(-1);
+}
+
 static PyMethodDef methods[] = {
     {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
      "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
+    {"addresses", (PyCFunction)(void (*)(void))addresses, METH_FASTCALL,
+     "Set the items' tensor addresses where the tensors are as the kernel reads them (see probes.py)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 5
+#define KERNEL_VERSION 6
 
 PyMODINIT_FUNC PyInit__kernel(void) {
+    s_nbytes = PyUnicode_InternFromString("nbytes");
+    s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    s_data_ptr = PyUnicode_InternFromString("data_ptr");
+    s_dtype = PyUnicode_InternFromString("dtype");
+    if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0) {
         Py_DECREF(m);

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 5  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 6  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -419,7 +419,6 @@ _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "
 _IS_CPU = operator.attrgetter("is_cpu")
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
-_NBYTES = operator.attrgetter("nbytes")
 _PARAM_STATE = operator.attrgetter("requires_grad", "shape", "is_cpu")  # what decides the trainable set
 _MODE = {"other": 0, "tanh": 1, "sigmoid": 2, "relu": 3, "grad": 4, "copy": 5, "updates": 6, "updates+copy": 7}
 
@@ -491,12 +490,13 @@ class _Layout:
             for key in self.rows[0] if self.rows else ():
                 self._items[key] = [row[key] for row in self.rows]
             self._numel = [row["numel"] for row in self.rows]
-            self._nbytes = [4 * n for n in self._numel]
             self._cells = np.empty(self.cells, dtype=np.bool_)
             self._at = self._items.ctypes.data, self._cells.ctypes.data
         items = self._items  # one pass at a time per layout: only the addresses change
         keep: list[torch.Tensor] = []  # float32 copies made here live until the kernel is done with them
-        items["x"] = self._addresses(xs, keep)
+        assert _kernel is not None
+        if _kernel.addresses(self._at[0], len(items), xs if isinstance(xs, list) else list(xs), torch.float32) != -1:
+            items["x"] = self._addresses(xs, keep)  # some tensor is not float32 and contiguous: converted here
         if self.y_rows is not None and self.y_offsets is not None \
                 and (y_block is None or self._y != (y_block.data_ptr(), y_block.numel())):  # (usually the same)
             ends = self.y_offsets + self.y_rows * 4 * items["numel"]
@@ -506,21 +506,13 @@ class _Layout:
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
             self._y = y_block.data_ptr(), y_block.numel()
         out = torch.empty(self.size)
-        assert _kernel is not None
         _kernel.reduce(self._at[0], len(items), out.data_ptr(), self.size, self._at[1], self.cells,
                        HIST_BINS, SATURATION_CUT, DEAD_CUT)
         cells = self._cells.copy() if self.maps else self._cells
         return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
-        ts = cast(Sequence[torch.Tensor], tensors)
-        try:  # the usual case without a Python loop (a None among them raises: the loop below). As many bytes as
-            # float32 values expected, contiguous: the kernel reads exactly the tensor's memory. (Its dtype is then
-            # float32 but for a tensor of another dtype and size, which the layers' shapes already rule out.)
-            if list(map(_NBYTES, ts)) == self._nbytes and all(map(torch.Tensor.is_contiguous, ts)):
-                return list(map(torch.Tensor.data_ptr, ts))
-        except (TypeError, AttributeError):
-            pass
+        """Each tensor's address (0 for None), where needed of a float32, contiguous copy kept in `keep`."""
         found = []
         for t, numel in zip(tensors, self._numel, strict=True):
             if t is None:
