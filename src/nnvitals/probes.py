@@ -704,6 +704,7 @@ class Recorder:
         self._cache: dict[Any, Any] = {}
         self._spec_cache: dict[tuple[str, tuple[int, ...], str | None], _Spec] = {}
         self.snapshot: Snapshot | None = None  # the weights' copy last taken (snapshot_params, collect)
+        self._trainable_now: tuple[list[Any], Any] = ([None], None)  # the parameters' state last seen, its set
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -1134,13 +1135,16 @@ class Recorder:
     def _trainable(self) -> _Trainable:
         """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
         device changes."""
-        key = ("trainable", tuple(map(_PARAM_STATE, self._param_list)))
-        if key not in self._cache:
-            ps: list[tuple[str, torch.Tensor, str | None]] = [
-                (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
-            self._cache[key] = _Trainable(ps, [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2],
-                                          all(p.is_cpu for _, p, _ in ps))
-        return self._cache[key]
+        state = list(map(_PARAM_STATE, self._param_list))
+        if state != self._trainable_now[0]:  # (compared as a list: no hash of it, most times)
+            key = ("trainable", tuple(state))
+            if key not in self._cache:
+                ps: list[tuple[str, torch.Tensor, str | None]] = [
+                    (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
+                self._cache[key] = _Trainable(ps, [i for i, (_, p, _) in enumerate(ps) if p.dim() >= 2],
+                                              all(p.is_cpu for _, p, _ in ps))
+            self._trainable_now = state, self._cache[key]
+        return self._trainable_now[1]
 
     def snapshot_params(self) -> Snapshot:
         """Copies of the weights, to measure the next update against."""
