@@ -408,6 +408,222 @@ static PyObject *addresses(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLong(-1);
 }
 
+/* The process-wide forward hook's common case, as probes.Recorder._replay does it in Python: a call that repeats
+ * the record the last pass made at this place is kept here; everything else goes to the layer's own hook. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback;
+} replay_t;
+
+static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_numel, *s_protected,
+    *s_copy, *s_name, *s_entries, *s_version, *s_outs, *s_unprotected, *s_requires_grad, *s_retain_grad,
+    *s_grad_outs, *s_grad_at, *s_grad_versions, *s_pending, *s_flush, *s_batchnorm;
+
+static void replay_dealloc(replay_t *self) {
+    Py_XDECREF(self->recorder);
+    Py_XDECREF(self->table);
+    Py_XDECREF(self->tensor);
+    Py_XDECREF(self->grad_enabled);
+    Py_XDECREF(self->stack_limit);
+    Py_XDECREF(self->flush_limit);
+    Py_XDECREF(self->fallback);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook) */
+static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!O", &recorder, &PyDict_Type, &table, &PyType_Type,
+                                            &tensor, &grad_enabled, &PyLong_Type, &stack_limit, &PyLong_Type,
+                                            &flush_limit, &fallback))
+        return NULL;
+    replay_t *self = (replay_t *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    PyObject *all[7] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback};
+    for (int i = 0; i < 7; i++) Py_INCREF(all[i]);
+    self->recorder = recorder, self->table = table, self->tensor = tensor, self->grad_enabled = grad_enabled;
+    self->stack_limit = stack_limit, self->flush_limit = flush_limit, self->fallback = fallback;
+    return (PyObject *)self;
+}
+
+/* getattr returning a borrowed-like new reference the caller releases; NULL with an exception on failure */
+#define GET(obj, name) PyObject_GetAttr((obj), (name))
+
+/* 1: kept; 0: not the template's record (the layer's own hook works it out); -1: an exception */
+static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObject *out, PyObject *entry) {
+    PyObject *rec = self->recorder;
+    int result = -1;
+    PyObject *specs = NULL, *matched = NULL, *template = NULL, *producers = NULL, *shape = NULL, *enabled = NULL,
+             *prod = NULL, *key = NULL, *numel = NULL, *protected_ = NULL, *copy = NULL, *version = NULL,
+             *needs = NULL, *pending = NULL, *total = NULL, *items = NULL;
+    specs = GET(rec, s_specs);
+    matched = GET(rec, s_matched);
+    template = GET(rec, s_template);
+    if (specs == NULL || matched == NULL || template == NULL) goto done;
+    const Py_ssize_t index = PyList_GET_SIZE(specs);
+    if (!PyList_Check(template) || PyLong_AsSsize_t(matched) != index || index >= PyList_GET_SIZE(template) ||
+        Py_TYPE(out) != (PyTypeObject *)self->tensor) {
+        result = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    PyObject *then = PyList_GET_ITEM(template, index); /* (module, spec, count, x_from) */
+    if (!PyTuple_Check(then) || PyTuple_GET_SIZE(then) != 4 || PyTuple_GET_ITEM(then, 0) != module) {
+        result = 0;
+        goto done;
+    }
+    PyObject *spec = PyTuple_GET_ITEM(then, 1), *x_from = PyTuple_GET_ITEM(then, 3);
+    PyObject *x = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
+    producers = GET(rec, s_producers);
+    shape = GET(out, s_shape);
+    PyObject *spec_shape = shape != NULL ? GET(spec, s_shape) : NULL;
+    if (producers == NULL || spec_shape == NULL) goto done;
+    const int same_shape = PyObject_RichCompareBool(shape, spec_shape, Py_EQ);
+    Py_DECREF(spec_shape);
+    if (same_shape < 0) goto done;
+    enabled = PyObject_CallNoArgs(self->grad_enabled);
+    if (enabled == NULL) goto done;
+    key = PyLong_FromVoidPtr(x);
+    if (key == NULL) goto done;
+    prod = PyDict_GetItemWithError(producers, key); /* borrowed */
+    if (prod == NULL && PyErr_Occurred()) goto done;
+    long fed_by = -1;
+    if (prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == x)
+        fed_by = PyLong_AsLong(PyTuple_GET_ITEM(prod, 3));
+    if (!same_shape || enabled != Py_True || fed_by != PyLong_AsLong(x_from)) {
+        result = PyErr_Occurred() ? -1 : 0;
+        goto done;
+    }
+    /* What the Python side does itself: a copy of an output seen changed in place, a large or traced output,
+     * a BatchNorm's checks (its mode, batch size and the bias before it). */
+    numel = GET(spec, s_numel);
+    protected_ = GET(spec, s_protected);
+    copy = GET(spec, s_copy);
+    if (numel == NULL || protected_ == NULL || copy == NULL) goto done;
+    const int large = PyObject_RichCompareBool(numel, self->stack_limit, Py_GE);
+    if (large < 0) goto done;
+    if ((protected_ != Py_True && copy == Py_True) || large) {
+        result = 0; /* the Python hook keeps it (a copy, or reduced as it comes) */
+        goto done;
+    }
+    if (PyTuple_GET_ITEM(entry, 3) == Py_True) { /* a BatchNorm: its mode, batch size, the bias before it */
+        PyObject *r = PyObject_CallMethodObjArgs(rec, s_batchnorm, entry, spec, module, prod ? prod : Py_None,
+                                                 x_from, NULL);
+        if (r == NULL) goto done;
+        Py_DECREF(r);
+    }
+    /* keep it: as Recorder._keep does */
+    PyObject *new_matched = PyLong_FromSsize_t(index + 1);
+    if (new_matched == NULL || PyObject_SetAttr(rec, s_matched, new_matched) < 0) {
+        Py_XDECREF(new_matched);
+        goto done;
+    }
+    Py_DECREF(new_matched);
+    if (PyList_Append(specs, spec) < 0) goto done;
+    items = GET(rec, s_entries);
+    if (items == NULL || PyList_Append(items, then) < 0) goto done;
+    Py_CLEAR(items);
+    version = GET(out, s_version);
+    PyObject *position = PyLong_FromSsize_t(index);
+    if (version == NULL || position == NULL) {
+        Py_XDECREF(position);
+        goto done;
+    }
+    items = GET(rec, s_outs);
+    int failed = items == NULL || PyList_Append(items, out) < 0;
+    Py_CLEAR(items);
+    if (!failed && protected_ != Py_True) {
+        PyObject *row = PyTuple_Pack(4, position, out, version, Py_False);
+        items = GET(rec, s_unprotected);
+        failed = row == NULL || items == NULL || PyList_Append(items, row) < 0;
+        Py_XDECREF(row);
+        Py_CLEAR(items);
+    }
+    PyObject *name = failed ? NULL : GET(spec, s_name);
+    PyObject *made = name != NULL ? PyTuple_Pack(4, out, name, module, position) : NULL;
+    Py_XDECREF(name);
+    PyObject *out_key = made != NULL ? PyLong_FromVoidPtr(out) : NULL;
+    failed = out_key == NULL || PyDict_SetItem(producers, out_key, made) < 0;
+    Py_XDECREF(made);
+    Py_XDECREF(out_key);
+    if (!failed) {
+        needs = GET(out, s_requires_grad);
+        failed = needs == NULL;
+    }
+    if (!failed && needs == Py_True) {
+        PyObject *r = PyObject_CallMethodNoArgs(out, s_retain_grad);
+        failed = r == NULL;
+        Py_XDECREF(r);
+        PyObject *lists[3] = {s_grad_outs, s_grad_at, s_grad_versions}, *values[3] = {out, position, version};
+        for (int i = 0; i < 3 && !failed; i++) {
+            items = GET(rec, lists[i]);
+            failed = items == NULL || PyList_Append(items, values[i]) < 0;
+            Py_CLEAR(items);
+        }
+    }
+    Py_DECREF(position);
+    if (failed) goto done;
+    pending = GET(rec, s_pending);
+    total = pending != NULL ? PyNumber_Add(pending, numel) : NULL;
+    if (total == NULL || PyObject_SetAttr(rec, s_pending, total) < 0) goto done;
+    const int over = PyObject_RichCompareBool(total, self->flush_limit, Py_GT);
+    if (over < 0) goto done;
+    if (over) {
+        PyObject *r = PyObject_CallMethodNoArgs(rec, s_flush);
+        if (r == NULL) goto done;
+        Py_DECREF(r);
+    }
+    result = 1;
+done:
+    Py_XDECREF(specs);
+    Py_XDECREF(matched);
+    Py_XDECREF(template);
+    Py_XDECREF(producers);
+    Py_XDECREF(shape);
+    Py_XDECREF(enabled);
+    Py_XDECREF(key);
+    Py_XDECREF(numel);
+    Py_XDECREF(protected_);
+    Py_XDECREF(copy);
+    Py_XDECREF(version);
+    Py_XDECREF(needs);
+    Py_XDECREF(pending);
+    Py_XDECREF(total);
+    Py_XDECREF(items);
+    return result;
+}
+/* hook(module, args, out): the call kept here, or handed to the Python hook (the last argument of Replay) */
+static PyObject *replay_call(replay_t *self, PyObject *args, PyObject *kwargs) {
+    PyObject *module, *inputs, *out;
+    if (kwargs != NULL || !PyArg_UnpackTuple(args, "hook", 3, 3, &module, &inputs, &out)) return NULL;
+    PyObject *key = PyLong_FromVoidPtr(module);
+    if (key == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(self->table, key); /* (module, hook, name, is_batchnorm) */
+    Py_DECREF(key);
+    if (entry == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || PyTuple_GET_ITEM(entry, 0) != module ||
+        !PyTuple_Check(inputs))
+        Py_RETURN_NONE;
+    Py_INCREF(entry);
+    const int kept = replay_keep(self, module, inputs, out, entry);
+    Py_DECREF(entry);
+    if (kept < 0) return NULL;
+    if (kept) Py_RETURN_NONE;
+    return PyObject_CallFunctionObjArgs(self->fallback, module, inputs, out, NULL);
+}
+
+static PyTypeObject replay_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "nnvitals._kernel.Replay",
+    .tp_basicsize = sizeof(replay_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = replay_new,
+    .tp_dealloc = (destructor)replay_dealloc,
+    .tp_call = (ternaryfunc)replay_call,
+    .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook)",
+};
+
 static PyMethodDef methods[] = {
     {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
      "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
@@ -419,7 +635,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 6
+#define KERNEL_VERSION 7
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
@@ -427,8 +643,20 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
     s_dtype = PyUnicode_InternFromString("dtype");
     if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL) return NULL;
+    const char *names[] = {"_specs", "_matched", "_template", "_producers", "shape", "numel", "protected",
+                           "copy", "name", "_entries", "_version", "_outs", "_unprotected", "requires_grad",
+                           "retain_grad", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",
+                           "_replayed_batchnorm"};
+    PyObject **slots[] = {&s_specs, &s_matched, &s_template, &s_producers, &s_shape, &s_numel,
+                          &s_protected, &s_copy, &s_name, &s_entries, &s_version, &s_outs, &s_unprotected,
+                          &s_requires_grad, &s_retain_grad, &s_grad_outs, &s_grad_at, &s_grad_versions, &s_pending,
+                          &s_flush, &s_batchnorm};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
+    if (PyType_Ready(&replay_type) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0 ||
+                      PyModule_AddObjectRef(m, "Replay", (PyObject *)&replay_type) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 6  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 7  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -750,11 +750,8 @@ class Recorder:
                 prod = self._producers.get(id(x))
                 if out.shape == spec.shape and torch.is_grad_enabled() \
                         and (prod[3] if prod is not None and prod[0] is x else -1) == x_from:
-                    if entry[3]:  # a BatchNorm
-                        if not module.training:
-                            self._mode_events.append(ModeEvent(entry[2], spec.op, False, True))
-                        elif len(spec.shape) >= 2:
-                            self._batchnorm_input(entry[2], spec.shape[0], prod if x_from >= 0 else None)
+                    if entry[3]:
+                        self._replayed_batchnorm(entry, spec, module, prod, x_from)
                     self._matched += 1
                     self._keep(spec, count, module, out, x_from, entry_then)
                     return
@@ -764,9 +761,14 @@ class Recorder:
             if pushed.get(id(module)) is module:
                 self._stack.append(module)
 
+        # Where the kernel is built and no call stack is tracked, its Replay does `after`'s common case in C (the
+        # same steps, less interpreter), handing everything else to `after`.
+        replay = getattr(_kernel, "Replay", None)
+        hook = after if replay is None or pushed else replay(self, table, torch.Tensor, torch.is_grad_enabled,
+                                                             STACK_LIMIT, FLUSH_ELEMENTS, after)
         if pushed:
             self._handles.append(register_module_forward_pre_hook(before))
-        self._handles.append(register_module_forward_hook(after, always_call=True))
+        self._handles.append(register_module_forward_hook(hook, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
 
@@ -887,6 +889,14 @@ class Recorder:
                 self._batchnorm_input(name, x.shape[0], prod if prod is not None and prod[0] is x else None)
             self._record(name, kind, op, None, module, x, out)
         return hook
+
+    def _replayed_batchnorm(self, entry: tuple[nn.Module, Any, str, bool], spec: _Spec, module: nn.Module,
+                            prod: tuple[Any, str, nn.Module | None, int] | None, x_from: int) -> None:
+        """A replayed BatchNorm call: its mode checked, and in training its batch and the layer before it."""
+        if not module.training:
+            self._mode_events.append(ModeEvent(entry[2], spec.op, False, True))
+        elif len(spec.shape) >= 2:
+            self._batchnorm_input(entry[2], spec.shape[0], prod if x_from >= 0 else None)
 
     def _batchnorm_input(self, name: str, batch: int, producer: tuple[Any, str, nn.Module | None, int] | None
                          ) -> None:

@@ -334,10 +334,27 @@ class _Routed(nn.Module):
         return self.out(self.act(h))
 
 
-def test_each_step_is_recorded_as_its_own_route_took_it():
-    """A sampled pass that repeats the last one's layers is recorded from what the last one worked out; one
-    that takes another route, or another batch size, is told apart: every step's layers, their inputs and
-    the bias-before-norm finding are those a fresh `check` of the same batch reports."""
+class _KernelWithoutReplay:
+    """The compiled kernel's reductions, without its Replay: the forward hook's common case done in Python."""
+
+    def __init__(self, kernel):
+        self.VERSION, self.reduce, self.addresses = kernel.VERSION, kernel.reduce, kernel.addresses
+
+
+@pytest.fixture(params=["replay-in-c", "replay-in-python"])
+def replay(request, monkeypatch):
+    if probes._kernel is None:
+        pytest.skip("the compiled kernel is not built")
+    if request.param == "replay-in-python":
+        monkeypatch.setattr(probes, "_kernel", _KernelWithoutReplay(probes._kernel))
+    return request.param
+
+
+def test_each_step_is_recorded_as_its_own_route_took_it(replay):
+    """A sampled pass that repeats the last one's layers is recorded from what the last one worked out (by the
+    kernel's Replay, or in Python); one that takes another route, or another batch size, is told apart: every
+    step's layers, their inputs and the bias-before-norm finding are those a fresh `check` of the same batch
+    reports."""
     model = _Routed()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(4)
@@ -365,3 +382,48 @@ def test_each_step_is_recorded_as_its_own_route_took_it():
     assert inputs_of_bn == [["a"], ["a"], ["b"], ["b"], ["b"], ["a", "bn"], ["a", "bn"], ["a"]]
     assert [wasted for _, wasted in steps] == [["a.bias"]] * 2 + [[]] * 3 + [["a.bias"]] * 3
     assert [layers[0][2][0] for layers, _ in steps] == [32, 32, 32, 32, 16, 16, 16, 32]
+
+
+def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
+    """Monitor histories of the same training (the lesson's deep network with an in-place ReLU after a Linear,
+    sampled every step and every 3rd) are equal number for number with the forward hook's common case in C
+    and in Python."""
+    if probes._kernel is None:
+        pytest.skip("the compiled kernel is not built")
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(27, 10)
+            self.body = nn.Sequential(*[m for i in range(3) for m in (nn.Linear(30 if i == 0 else 64, 64, bias=False),
+                                                                        nn.BatchNorm1d(64), nn.Tanh())])
+            self.lin = nn.Linear(64, 64)
+            self.relu = nn.ReLU(inplace=True)  # changes the Linear's output in place: copied, in Python
+            self.out = nn.Linear(64, 27)
+
+        def forward(self, x):
+            return self.out(self.relu(self.lin(self.body(self.emb(x).flatten(1)))))
+
+    def history(every):
+        torch.manual_seed(0)
+        model = Deep()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        with nnvitals.Monitor(model, every=every) as mon:
+            for _ in range(7):
+                x, y = torch.randint(0, 27, (32, 3), generator=g), torch.randint(0, 27, (32,), generator=g)
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(loss)
+        return mon.history, [f.code for f in mon.findings()]
+
+    kernel = probes._kernel
+    for every in (1, 3):
+        in_c = history(every)
+        monkeypatch.setattr(probes, "_kernel", _KernelWithoutReplay(kernel))
+        in_python = history(every)
+        monkeypatch.undo()
+        assert in_c == in_python
+        assert len(in_c[0]) == len(range(0, 7, every)) and "lin" in in_c[0][-1]["layers"]
