@@ -1,11 +1,14 @@
-/* The statistics of a sampled pass on the CPU, one pass over each tensor.
+/* A sampled pass on the CPU with less Python: its statistics in one pass over each tensor, and the
+ * forward hook's common case.
  *
  * probes.py reduces recorded outputs, gradients and weights with torch ops. On the CPU each of those
  * ops costs microseconds of dispatch however small its tensor, and a sampled step of a small network
- * needs a hundred of them; this function computes the same numbers, written at the same places of the
+ * needs a hundred of them; `reduce` computes the same numbers, written at the same places of the
  * same float32 buffer, in one call. probes.py describes the work as an array of `item_t` (one per
- * tensor, a numpy structured array of the same layout) and falls back to torch ops where this module
- * was not built or the tensors are not on the CPU.
+ * tensor, a numpy structured array of the same layout; `addresses` fills in where the tensors are) and
+ * falls back to torch ops where this module was not built or the tensors are not on the CPU. `Replay` is
+ * the process-wide forward hook for a pass that repeats the last one's records: the steps of
+ * Recorder's Python hook, without the interpreter, handing every other call to that hook.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
