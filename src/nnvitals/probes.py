@@ -1202,19 +1202,13 @@ class Recorder:
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
         outs = self._grad_outs
-        grad_list: list[torch.Tensor | None]
+        grad_list: list[torch.Tensor | None] = [] if self._grad_hooked else list(map(_GRAD, outs))
         ready_list: list[torch.Tensor | None]
-        if not self._grad_hooked:  # the usual case, all retained: without a Python loop where all is well
-            grad_list = list(map(_GRAD, outs))
+        if not self._grad_hooked and all(map(operator.is_not, grad_list, repeat(None))) \
+                and list(map(_VERSION, outs)) == self._grad_versions:  # the usual case, without a Python loop
             for t in outs:
                 t.grad = None
-            if all(map(operator.is_not, grad_list, repeat(None))) and list(map(_VERSION, outs)) == self._grad_versions:
-                grad_index, ready_list = self._grad_at, [None] * len(outs)
-            else:
-                kept = [k for k, (g, t, v) in enumerate(zip(grad_list, outs, self._grad_versions, strict=True))
-                        if g is not None and t._version == v]
-                grad_index, grad_list = [self._grad_at[k] for k in kept], [grad_list[k] for k in kept]
-                ready_list = [None] * len(kept)
+            grad_index, ready_list = self._grad_at, [None] * len(outs)
         else:
             grad_index, grad_list, ready_list = [], [], []
             for i, t, version in zip(self._grad_at, outs, self._grad_versions, strict=True):
