@@ -335,8 +335,9 @@ class Monitor:
         recorder = self._recorder
         before = None  # the weights' copy for the next step, when that one is sampled too
         if recorder.attached and self.steps % self.every == 0:
-            raw = recorder.collect(before=self._before, snapshot=self.sampled(self.steps + 1))
-            before = recorder.snapshot if self.sampled(self.steps + 1) else None
+            next_sampled = self.sampled(self.steps + 1)
+            raw = recorder.collect(before=self._before, snapshot=next_sampled)
+            before = recorder.snapshot if next_sampled else None
             # keep the loss as it is (a tensor is read with the rest, when asked): no extra host sync here
             kept = loss.detach() if isinstance(loss, torch.Tensor) else loss
             if self.steps == 0:
