@@ -417,6 +417,9 @@ _ITEM = np.dtype([(f, np.int64) for f in ("x", "y", "outer", "units", "inner", "
                                           "o_hist", "o_alive", "cells", "map_rows", "map_units", "numel", "o_usum",
                                           "o_usq")]
                  + [("lo", np.float64), ("hi", np.float64)])
+# A saturation map as the kernel left it: (its copy of all maps' cells, first cell, rows, units), cut out of
+# it only when read (RawPass.stats).
+MapCells = tuple[np.ndarray, int, int, int]
 _IS_CPU = operator.attrgetter("is_cpu")
 _GRAD = operator.attrgetter("grad")
 _VERSION = operator.attrgetter("_version")
@@ -482,10 +485,10 @@ class _Layout:
         return joined
 
     def run(self, xs: Sequence[torch.Tensor | None], y_block: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, list[np.ndarray]]:
+            ) -> tuple[np.ndarray, list[MapCells]]:
         """The block for these tensors (one per row, in order; None: zeros), minus, for the rows marked in
         `y_rows`, the values at `y_offsets` of `y_block` (a float32 block), which copy rows write to instead;
-        plus the saturation maps the rows asked for."""
+        plus the saturation maps the rows asked for, as places in one copy of their cells."""
         if self._items is None:
             self._items = np.zeros(len(self.rows), _ITEM)
             for key in self.rows[0] if self.rows else ():
@@ -506,11 +509,13 @@ class _Layout:
                 raise RuntimeError("nnvitals: the weights' copy does not match the weights")
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
             self._y = y_block.data_ptr(), y_block.numel()
-        out = torch.empty(self.size)
-        _kernel.reduce(self._at[0], len(items), out.data_ptr(), self.size, self._at[1], self.cells,
-                       HIST_BINS, SATURATION_CUT, DEAD_CUT)
-        cells = self._cells.copy() if self.maps else self._cells
-        return out, [cells[start:start + r * u].reshape(r, u) for _, start, r, u in self.maps]
+        out = np.empty(self.size, np.float32)  # (numpy: cheaper to make than a tensor, and the host array as is)
+        _kernel.reduce(self._at[0], len(items), out.__array_interface__["data"][0], self.size, self._at[1],
+                       self.cells, HIST_BINS, SATURATION_CUT, DEAD_CUT)
+        if not self.maps:
+            return out, []
+        cells = self._cells.copy()
+        return out, [(cells, start, r, u) for _, start, r, u in self.maps]
 
     def _addresses(self, tensors: Sequence[torch.Tensor | None], keep: list[torch.Tensor]) -> list[int]:
         """Each tensor's address (0 for None), where needed of a float32, contiguous copy kept in `keep`."""
@@ -796,7 +801,7 @@ class Recorder:
         self._pending = 0
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]] = []  # reduced outputs: specs, plan
-        self._maps: list[tuple[str, torch.Tensor | np.ndarray]] = []  # layer name -> saturation-map cells
+        self._maps: list[tuple[str, torch.Tensor | MapCells]] = []  # layer name -> saturation-map cells
         # outputs whose gradient autograd keeps for us (retain_grad) or, for large ones, a hook reduces as it
         # arrives (into _grad_blocks); beside them their spec indices and their versions then
         self._grad_outs: list[torch.Tensor] = []
@@ -1065,7 +1070,7 @@ class Recorder:
             layout, order, names = self._output_items(specs, plan)
             block, cells = layout.run([outs[i] for i in order])
             self._maps.extend(zip(names, cells, strict=True))
-            return block
+            return torch.from_numpy(block)
         parts: list[torch.Tensor] = []
         for kind, idx in plan:
             x = _stacked([outs[i] for i in idx], None if kind == "other" else specs[idx[0]].unit_dim)
@@ -1084,7 +1089,7 @@ class Recorder:
         if _on_cpu(grads):
             blocks = {i: b for i, b in enumerate(ready or []) if b is not None}
             layout, order, starts = self._grad_items(specs, {i: b.numel() for i, b in blocks.items()})
-            out, _ = layout.run([grads[i] for i in order])
+            out = torch.from_numpy(layout.run([grads[i] for i in order])[0])
             for i, b in blocks.items():
                 out[starts[i]:starts[i] + b.numel()] = b
             return out
@@ -1105,7 +1110,7 @@ class Recorder:
 
     def _reduce_on_cpu(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
                        ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None, snapshot: bool
-                       ) -> tuple[torch.Tensor, int]:
+                       ) -> tuple[np.ndarray, int]:
         """By the kernel in one call, the slots of _reduce_outputs (the outputs still buffered), _reduce_grads
         (these gradients) and _reduce_params, one after the other, and with `snapshot` the weights' copy last
         (after the updates have read the one it replaces); and where the parameters' slots begin (the slots
@@ -1140,7 +1145,7 @@ class Recorder:
         block, maps = self._cache[key].run(xs, y_block)
         self._maps.extend(zip(names, maps, strict=True))
         for i, b in blocks.items():
-            block[starts[i]:starts[i] + b.numel()] = b
+            block[starts[i]:starts[i] + b.numel()] = b.numpy()
         return block, split
 
     def _trainable(self) -> _Trainable:
@@ -1178,7 +1183,7 @@ class Recorder:
         if t.by_kernel:  # the kernel, in one call
             block = before.block if before is not None else None
             layout, xs = t.items(block is not None)
-            return layout.run(xs, block)[0]
+            return torch.from_numpy(layout.run(xs, block)[0])
         g = [_grad_or_zeros(p) for p in w]
         copies = before.copies if before is not None else None
         measured_tensors = w + g + (list(torch._foreach_sub(w, copies)) if copies is not None else [])
@@ -1233,39 +1238,40 @@ class Recorder:
         # Two parts: what the processes under torch.distributed add up (outputs, gradients) and the rest.
         own: torch.Tensor | None = None
         world = world_size()
+        flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
+        if self._inputs_finite is not None:
+            flags.append(self._inputs_finite)
+        host: np.ndarray | None = None
         if trainable.by_kernel and _on_cpu(self._outs) and _on_cpu(grad_list):
             block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before, snapshot)
             if snapshot:
                 self.snapshot = Snapshot(trainable, block=trainable.copy_block())
                 snapshot = False
-            if world == 1 or not ps:
-                parts = [*self._partials, block]
+            if world == 1 and not self._partials and not flags:
+                host = block  # the kernel's one block, made for this pass, is all of it
             else:
-                parts, own = [*self._partials, block[:split]], block[split:]
+                whole = torch.from_numpy(block)
+                parts = [*self._partials, whole if world == 1 or not ps else whole[:split]]
+                own = whole[split:] if world > 1 and ps else None
         else:
             self._flush()
             parts = list(self._partials)
             if grad_index:
                 parts.append(self._reduce_grads(grad_specs, grad_list, ready_list))
             own = self._reduce_params(trainable, before) if ps else None
-        if world > 1 and parts:
-            # Under torch.distributed every rank measured its own share of the batch. Sums, sums of squares,
-            # counts, histogram bins and per-unit counts all add up: one collective on one buffer makes
-            # them the statistics of the whole batch. (Parameters need none: DDP keeps them equal.)
-            packed = torch.cat(parts)
-            torch.distributed.all_reduce(packed)
-            parts = [packed]
-        if own is not None:
-            parts.append(own)
-        flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
-        if self._inputs_finite is not None:
-            flags.append(self._inputs_finite)
-        if flags:
-            at = parts[0].device if parts else flags[0].device
-            parts.append(torch.stack([f.to(at) for f in flags]).float())
-        if len(parts) == 1 and parts[0].is_cpu:  # (the kernel's one block, made for this pass)
-            host = parts[0].numpy()
-        else:
+        if host is None:
+            if world > 1 and parts:
+                # Under torch.distributed every rank measured its own share of the batch. Sums, sums of squares,
+                # counts, histogram bins and per-unit counts all add up: one collective on one buffer makes
+                # them the statistics of the whole batch. (Parameters need none: DDP keeps them equal.)
+                packed = torch.cat(parts)
+                torch.distributed.all_reduce(packed)
+                parts = [packed]
+            if own is not None:
+                parts.append(own)
+            if flags:
+                at = parts[0].device if parts else flags[0].device
+                parts.append(torch.stack([f.to(at) for f in flags]).float())
             device = parts[0].device if parts else None
             host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
                 else np.zeros(0, np.float32)
@@ -1297,7 +1303,7 @@ class RawPass:
     weights: list[int]  # the parameters (indices) whose spreads were measured
     updates_measured: bool
     lr: float | None
-    maps: list[tuple[str, torch.Tensor | np.ndarray]] | None  # saturation-map cells (on the device: tensors)
+    maps: list[tuple[str, torch.Tensor | MapCells]] | None  # saturation-map cells (on the device: tensors)
     finite_flags: list[str]
     grad_flags: list[str]
     consumers: dict[str, str]
@@ -1389,7 +1395,8 @@ class RawPass:
             by_name = {lay.name: lay for lay in layers}
             for name, cells in self.maps:
                 if name in by_name:
-                    by_name[name].sat_map = cells if isinstance(cells, np.ndarray) else cells.cpu().numpy()
+                    by_name[name].sat_map = cells.cpu().numpy() if isinstance(cells, torch.Tensor) \
+                        else cells[0][cells[1]:cells[1] + cells[2] * cells[3]].reshape(cells[2], cells[3])
         return result
 
 
