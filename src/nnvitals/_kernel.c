@@ -449,7 +449,7 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     return (PyObject *)self;
 }
 
-/* getattr returning a borrowed-like new reference the caller releases; NULL with an exception on failure */
+/* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
 
 /* 1: kept; 0: not the template's record (the layer's own hook works it out); -1: an exception */

@@ -1127,7 +1127,8 @@ class Recorder:
         blocks = {i: b for i, b in enumerate(ready) if b is not None}
         if specs:
             layout, order, starts = self._grad_items(specs, {i: b.numel() for i, b in blocks.items()})
-            starts = {i: start + sum(lay.size for lay in layouts) for i, start in starts.items()}
+            offset = sum(lay.size for lay in layouts)  # (the outputs' slots come first)
+            starts = {i: start + offset for i, start in starts.items()}
             layouts.append(layout)
             xs += [grads[i] for i in order]
         split = sum(layout.size for layout in layouts)
