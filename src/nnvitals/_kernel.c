@@ -415,12 +415,13 @@ static PyObject *addresses(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * the record the last pass made at this place is kept here; everything else goes to the layer's own hook. */
 typedef struct {
     PyObject_HEAD
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback;
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear;
 } replay_t;
 
 static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_numel, *s_protected,
     *s_copy, *s_name, *s_entries, *s_version, *s_outs, *s_unprotected, *s_requires_grad, *s_retain_grad,
-    *s_grad_outs, *s_grad_at, *s_grad_versions, *s_pending, *s_flush, *s_batchnorm;
+    *s_grad_outs, *s_grad_at, *s_grad_versions, *s_pending, *s_flush, *s_batchnorm, *s_training, *s_bn_batches,
+    *s_bias_before_norm, *s_parameters, *s_bias;
 
 static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->recorder);
@@ -430,27 +431,65 @@ static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->stack_limit);
     Py_XDECREF(self->flush_limit);
     Py_XDECREF(self->fallback);
+    Py_XDECREF(self->linear);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook) */
+/* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types) */
 static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback;
-    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!O", &recorder, &PyDict_Type, &table, &PyType_Type,
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!OO!", &recorder, &PyDict_Type, &table, &PyType_Type,
                                             &tensor, &grad_enabled, &PyLong_Type, &stack_limit, &PyLong_Type,
-                                            &flush_limit, &fallback))
+                                            &flush_limit, &fallback, &PyTuple_Type, &linear))
         return NULL;
     replay_t *self = (replay_t *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    PyObject *all[7] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback};
-    for (int i = 0; i < 7; i++) Py_INCREF(all[i]);
+    PyObject *all[8] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback, linear};
+    for (int i = 0; i < 8; i++) Py_INCREF(all[i]);
     self->recorder = recorder, self->table = table, self->tensor = tensor, self->grad_enabled = grad_enabled;
     self->stack_limit = stack_limit, self->flush_limit = flush_limit, self->fallback = fallback;
+    self->linear = linear;
     return (PyObject *)self;
 }
 
 /* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
+
+/* A replayed BatchNorm's checks, as Recorder._replayed_batchnorm does them: in training with a batch, its batch
+ * size and, when the layer feeding it is a linear one with a bias, that bias (wasted); else (a mode to report)
+ * that method itself. 0, or -1 with an exception set. */
+static int replay_batchnorm(replay_t *self, PyObject *entry, PyObject *spec, PyObject *module, PyObject *shape,
+                            PyObject *prod, PyObject *x_from) {
+    PyObject *rec = self->recorder, *training = GET(module, s_training);
+    if (training == NULL) return -1;
+    const int in_training = training == Py_True;
+    Py_DECREF(training);
+    if (!in_training || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) < 2) {
+        PyObject *r = PyObject_CallMethodObjArgs(rec, s_batchnorm, entry, spec, module, prod ? prod : Py_None,
+                                                 x_from, NULL);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    PyObject *name = PyTuple_GET_ITEM(entry, 2), *batches = GET(rec, s_bn_batches);
+    int failed = batches == NULL || PyDict_SetItem(batches, name, PyTuple_GET_ITEM(shape, 0)) < 0;
+    Py_XDECREF(batches);
+    if (failed || prod == NULL) return failed ? -1 : 0;
+    PyObject *before = PyTuple_GET_ITEM(prod, 2); /* (output, name, module, place) of the layer feeding it */
+    const int linear = PyObject_IsInstance(before, self->linear);
+    if (linear <= 0) return linear;
+    PyObject *params = GET(before, s_parameters);
+    if (params == NULL) return -1;
+    PyObject *bias = PyDict_Check(params) ? PyDict_GetItemWithError(params, s_bias) : NULL; /* borrowed */
+    failed = bias == NULL && PyErr_Occurred();
+    if (!failed && bias != NULL && bias != Py_None) {
+        PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(prod, 1), name), *found = GET(rec, s_bias_before_norm);
+        failed = pair == NULL || found == NULL || PyList_Append(found, pair) < 0;
+        Py_XDECREF(pair);
+        Py_XDECREF(found);
+    }
+    Py_DECREF(params);
+    return failed ? -1 : 0;
+}
 
 /* 1: kept; 0: not the template's record (the layer's own hook works it out); -1: an exception */
 static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObject *out, PyObject *entry) {
@@ -508,12 +547,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
         result = 0; /* the Python hook keeps it (a copy, or reduced as it comes) */
         goto done;
     }
-    if (PyTuple_GET_ITEM(entry, 3) == Py_True) { /* a BatchNorm: its mode, batch size, the bias before it */
-        PyObject *r = PyObject_CallMethodObjArgs(rec, s_batchnorm, entry, spec, module, prod ? prod : Py_None,
-                                                 x_from, NULL);
-        if (r == NULL) goto done;
-        Py_DECREF(r);
-    }
+    if (PyTuple_GET_ITEM(entry, 3) == Py_True && replay_batchnorm(self, entry, spec, module, shape,
+                                                                  fed_by >= 0 ? prod : NULL, x_from) < 0)
+        goto done;
     /* keep it: as Recorder._keep does */
     PyObject *new_matched = PyLong_FromSsize_t(index + 1);
     if (new_matched == NULL || PyObject_SetAttr(rec, s_matched, new_matched) < 0) {
@@ -624,7 +660,7 @@ static PyTypeObject replay_type = {
     .tp_new = replay_new,
     .tp_dealloc = (destructor)replay_dealloc,
     .tp_call = (ternaryfunc)replay_call,
-    .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook)",
+    .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types)",
 };
 
 static PyMethodDef methods[] = {
@@ -638,7 +674,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 7
+#define KERNEL_VERSION 8
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
@@ -649,11 +685,13 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     const char *names[] = {"_specs", "_matched", "_template", "_producers", "shape", "numel", "protected",
                            "copy", "name", "_entries", "_version", "_outs", "_unprotected", "requires_grad",
                            "retain_grad", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",
-                           "_replayed_batchnorm"};
+                           "_replayed_batchnorm", "training", "_bn_batches", "_bias_before_norm", "_parameters",
+                           "bias"};
     PyObject **slots[] = {&s_specs, &s_matched, &s_template, &s_producers, &s_shape, &s_numel,
                           &s_protected, &s_copy, &s_name, &s_entries, &s_version, &s_outs, &s_unprotected,
                           &s_requires_grad, &s_retain_grad, &s_grad_outs, &s_grad_at, &s_grad_versions, &s_pending,
-                          &s_flush, &s_batchnorm};
+                          &s_flush, &s_batchnorm, &s_training, &s_bn_batches, &s_bias_before_norm, &s_parameters,
+                          &s_bias};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
     if (PyType_Ready(&replay_type) < 0) return NULL;

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 7  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 8  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -771,12 +771,13 @@ class Recorder:
         # same steps, less interpreter), handing everything else to `after`.
         replay = getattr(_kernel, "Replay", None)
         hook = after if replay is None or pushed else replay(self, table, torch.Tensor, torch.is_grad_enabled,
-                                                             STACK_LIMIT, FLUSH_ELEMENTS, after)
+                                                             STACK_LIMIT, FLUSH_ELEMENTS, after, _LINEAR)
         if pushed:
             self._handles.append(register_module_forward_pre_hook(before))
+        if track_stack:  # (the model's own calls counted, to know when a pass ends)
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
         self._handles.append(register_module_forward_hook(hook, always_call=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -834,25 +835,29 @@ class Recorder:
         self._root_depth = 0
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """The model called (registered only where a call stack is tracked): the function watcher on."""
         self._root_depth += 1
-        if self._root_depth == 1:
+        if self._root_depth == 1 and self.functions and self._watcher is None:
+            self._watcher = _FunctionWatcher(self)
+            self._watcher.__enter__()
+
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if self._root_depth > 0:
+            self._root_depth -= 1
+            if self._root_depth == 0:
+                self._exit_watcher()
+                self._stack.clear()
+        grad = torch.is_grad_enabled()
+        # The model's inputs and output are those of the first call of the model to return: with nested calls
+        # (Lightning runs `training_step` as the model's forward, which calls the model), the outer one returns a
+        # loss.
+        if grad and self._inputs_finite is None:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            if tensors and torch.is_grad_enabled():
+            if tensors:
                 at = tensors[0].device
                 self._inputs_finite = torch.stack([torch.isfinite(a).all().to(at) for a in tensors]).all()
-            if self.functions and self._watcher is None:
-                self._watcher = _FunctionWatcher(self)
-                self._watcher.__enter__()
-
-    def _root_post(self, module: nn.Module, args: Any, out: Any) -> None:
-        self._root_depth -= 1
-        if self._root_depth == 0:
-            self._exit_watcher()
-            self._stack.clear()
-        # The model's output is that of the first call of the model to return: with nested calls (Lightning
-        # runs `training_step` as the model's forward, which calls the model), the outer one returns a loss.
-        if isinstance(out, torch.Tensor) and torch.is_grad_enabled() and self._output_shape is None:
+        if isinstance(out, torch.Tensor) and grad and self._output_shape is None:
             self._output_shape = tuple(out.shape)
             producer = self._producers.get(id(out))
             self._output_name = producer[1] if producer is not None and producer[0] is out else None

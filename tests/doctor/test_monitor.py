@@ -385,9 +385,10 @@ def test_each_step_is_recorded_as_its_own_route_took_it(replay):
 
 
 def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
-    """Monitor histories of the same training (the lesson's deep network with an in-place ReLU after a Linear,
-    sampled every step and every 3rd) are equal number for number with the forward hook's common case in C
-    and in Python."""
+    """Monitor histories of the same training (the lesson's deep network with an in-place ReLU after a Linear and
+    a bias before the second BatchNorm, the first going into eval mode for the last steps; sampled every step and every
+    3rd) are equal number for number, and the findings alike, with the forward hook's common case in C and in
+    Python."""
     if probes._kernel is None:
         pytest.skip("the compiled kernel is not built")
 
@@ -395,7 +396,7 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(27, 10)
-            self.body = nn.Sequential(*[m for i in range(3) for m in (nn.Linear(30 if i == 0 else 64, 64, bias=False),
+            self.body = nn.Sequential(*[m for i in range(3) for m in (nn.Linear(30 if i == 0 else 64, 64, bias=i == 1),
                                                                         nn.BatchNorm1d(64), nn.Tanh())])
             self.lin = nn.Linear(64, 64)
             self.relu = nn.ReLU(inplace=True)  # changes the Linear's output in place: copied, in Python
@@ -410,7 +411,9 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         g = torch.Generator().manual_seed(1)
         with nnvitals.Monitor(model, every=every) as mon:
-            for _ in range(7):
+            for step in range(7):
+                if step == 5:
+                    model.body[1].eval()  # a BatchNorm left in eval mode while training
                 x, y = torch.randint(0, 27, (32, 3), generator=g), torch.randint(0, 27, (32,), generator=g)
                 loss = nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad()
@@ -427,3 +430,4 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
         monkeypatch.undo()
         assert in_c == in_python
         assert len(in_c[0]) == len(range(0, 7, every)) and "lin" in in_c[0][-1]["layers"]
+        assert {"bias-before-norm", "train-eval-mode"} <= set(in_c[1])
