@@ -663,11 +663,50 @@ static PyTypeObject replay_type = {
     .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types)",
 };
 
+static PyObject *s_grad; /* interned "grad" */
+
+/* take_grads(outputs, versions): the gradients autograd kept for these outputs (retain_grad), each dropped from its
+ * output, when every one has arrived and no output has changed since it was recorded (its version then);
+ * else None, and nothing is dropped (Recorder.collect then goes through them one by one). */
+static PyObject *take_grads(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
+        PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "take_grads(outputs: list, versions: list of the same length)");
+        return NULL;
+    }
+    const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    PyObject *grads = PyList_New(n);
+    if (grads == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(args[0], i), *g = PyObject_GetAttr(t, s_grad);
+        if (g == NULL) goto failed;
+        PyList_SET_ITEM(grads, i, g); /* (the list owns it now) */
+        PyObject *version = PyObject_GetAttr(t, s_version);
+        if (version == NULL) goto failed;
+        const int same = PyObject_RichCompareBool(version, PyList_GET_ITEM(args[1], i), Py_EQ);
+        Py_DECREF(version);
+        if (same < 0) goto failed;
+        if (g == Py_None || !same) {
+            Py_DECREF(grads);
+            Py_RETURN_NONE;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyObject_SetAttr(PyList_GET_ITEM(args[0], i), s_grad, Py_None) < 0) goto failed;
+    return grads;
+failed:
+    Py_DECREF(grads);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
      "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
     {"addresses", (PyCFunction)(void (*)(void))addresses, METH_FASTCALL,
      "Set the items' tensor addresses where the tensors are as the kernel reads them (see probes.py)."},
+    {"take_grads", (PyCFunction)(void (*)(void))take_grads, METH_FASTCALL,
+     "The gradients kept for these outputs, dropped from them, if all arrived and no output changed; else None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -681,7 +720,9 @@ PyMODINIT_FUNC PyInit__kernel(void) {
     s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
     s_dtype = PyUnicode_InternFromString("dtype");
-    if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL) return NULL;
+    s_grad = PyUnicode_InternFromString("grad");
+    if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL || s_grad == NULL)
+        return NULL;
     const char *names[] = {"_specs", "_matched", "_template", "_producers", "shape", "numel", "protected",
                            "copy", "name", "_entries", "_version", "_outs", "_unprotected", "requires_grad",
                            "retain_grad", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",

@@ -272,7 +272,11 @@ class _Trainable:
         weights' updates, measured against `copy_block()` (given to `run`), which `copy` then overwrites with
         the weights as they are now, in the same pass."""
         what = "params+updates+copy" if updates and copy else "params+updates" if updates else "params"
-        return self.layout(what), [*self.w, *(p.grad for p in self.w), *self.rest, *(p.grad for p in self.rest)]
+        return self.layout(what), self.tensors()
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """What the parameters' layouts read, in their order: the weights, their gradients, the others, theirs."""
+        return [*self.w, *map(_GRAD, self.w), *self.rest, *map(_GRAD, self.rest)]
 
     def copy_block(self) -> torch.Tensor:
         """The one block the kernel copies the weights into (see `layout`), made when first needed."""
@@ -531,6 +535,20 @@ class _Layout:
                 keep.append(t)
             found.append(t.data_ptr())
         return found
+
+
+def _take_grads(outs: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor | None] | None:
+    """The gradients retain_grad kept for these outputs, dropped from them, when all arrived and no output has
+    changed since it was recorded; else None, nothing dropped (by the kernel where it is built)."""
+    take = getattr(_kernel, "take_grads", None)
+    if take is not None:
+        return take(outs, versions)
+    grads = list(map(_GRAD, outs))
+    if not all(map(operator.is_not, grads, repeat(None))) or list(map(_VERSION, outs)) != versions:
+        return None
+    for t in outs:
+        t.grad = None
+    return grads
 
 
 def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:
@@ -1100,7 +1118,7 @@ class Recorder:
             return out
         parts: list[torch.Tensor] = []
         for kind, idx in self._plan(specs):
-            block = ready[idx[0]] if ready is not None else None
+            block = ready[idx[0]] if ready else None
             if block is not None:
                 parts.append(block)
                 continue
@@ -1120,39 +1138,57 @@ class Recorder:
         (these gradients) and _reduce_params, one after the other, and with `snapshot` the weights' copy last
         (after the updates have read the one it replaces); and where the parameters' slots begin (the slots
         before them are what processes add up)."""
-        layouts: list[_Layout] = []
-        xs: list[torch.Tensor | None] = []
-        names: list[str] = []
-        if self._outs:
+        outs = self._outs
+        out_specs: list[_Spec] = []
+        plan = None
+        if outs:
             out_specs, plan = self._buffered()
-            layout, order, names = self._output_items(out_specs, plan)
-            layouts.append(layout)
-            xs += [self._outs[i] for i in order]
             self._outs, self._pending = [], 0
-        blocks = {i: b for i, b in enumerate(ready) if b is not None}
-        if specs:
-            layout, order, starts = self._grad_items(specs, {i: b.numel() for i, b in blocks.items()})
-            offset = sum(lay.size for lay in layouts)  # (the outputs' slots come first)
-            starts = {i: start + offset for i, start in starts.items()}
-            layouts.append(layout)
-            xs += [grads[i] for i in order]
-        split = sum(layout.size for layout in layouts)
-        if t.ps:  # (the weights' copy for the next step taken as their updates are measured)
-            layout, params = t.items(before is not None, copy=snapshot)
-            layouts.append(layout)
-            xs += params
-        if snapshot and t.w and before is None:
-            layouts.append(t.layout("copy"))
-            xs += t.w
-        y_block = t.copy_block() if before is not None or (snapshot and t.w) else None
-        key = ("joined", *map(id, layouts))
+        blocks = {i: b for i, b in enumerate(ready) if b is not None} if ready else {}
+        sizes = {i: b.numel() for i, b in blocks.items()}
+        updates, copy = before is not None, snapshot and bool(t.w)
+        # (the gradients' plan is the outputs' when every output has its gradient: the usual case)
+        grad_plan = plan if specs == out_specs else self._plan(specs) if specs else None
+        key = ("pass", id(plan), id(grad_plan), tuple(sizes.items()), id(t), updates, copy)
         if key not in self._cache:
-            self._cache[key] = _Layout.joined(layouts)
-        block, maps = self._cache[key].run(xs, y_block)
+            self._cache[key] = self._pass_layout(out_specs, plan, specs, sizes, t, updates, copy)
+        layout, out_order, grad_order, names, starts, split = self._cache[key]
+        xs = [*map(outs.__getitem__, out_order), *map(grads.__getitem__, grad_order)]
+        if t.ps:
+            xs += t.tensors()
+        if copy and not updates:
+            xs += t.w
+        block, maps = layout.run(xs, t.copy_block() if updates or copy else None)
         self._maps.extend(zip(names, maps, strict=True))
         for i, b in blocks.items():
             block[starts[i]:starts[i] + b.numel()] = b.numpy()
         return block, split
+
+    def _pass_layout(self, out_specs: Sequence[_Spec], plan: list[tuple[str, list[int]]] | None,
+                     specs: Sequence[_Spec], sizes: dict[int, int], t: _Trainable, updates: bool, copy: bool
+                     ) -> tuple[_Layout, list[int], list[int], list[str], dict[int, int], int]:
+        """For _reduce_on_cpu, worked out once per kind of pass: the joined layout, which output and which
+        gradient each of its first items reads, the saturation maps' layers, where the gradient blocks already
+        reduced go, and where the parameters' slots begin."""
+        layouts: list[_Layout] = []
+        out_order: list[int] = []
+        grad_order: list[int] = []
+        names: list[str] = []
+        starts: dict[int, int] = {}
+        if plan is not None:
+            layout, out_order, names = self._output_items(out_specs, plan)
+            layouts.append(layout)
+        if specs:
+            layout, grad_order, starts = self._grad_items(specs, sizes)
+            offset = sum(lay.size for lay in layouts)  # (the outputs' slots come first)
+            starts = {i: start + offset for i, start in starts.items()}
+            layouts.append(layout)
+        split = sum(layout.size for layout in layouts)
+        if t.ps:  # (the weights' copy for the next step taken as their updates are measured)
+            layouts.append(t.items(updates, copy)[0])
+        if copy and not updates:
+            layouts.append(t.layout("copy"))
+        return _Layout.joined(layouts), out_order, grad_order, names, starts, split
 
     def _trainable(self) -> _Trainable:
         """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
@@ -1213,13 +1249,11 @@ class Recorder:
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else); it is then dropped from the tensor, which the user never asked for.
         outs = self._grad_outs
-        grad_list: list[torch.Tensor | None] = [] if self._grad_hooked else list(map(_GRAD, outs))
+        taken = None if self._grad_hooked else _take_grads(outs, self._grad_versions)
+        grad_list: list[torch.Tensor | None]
         ready_list: list[torch.Tensor | None]
-        if not self._grad_hooked and all(map(operator.is_not, grad_list, repeat(None))) \
-                and list(map(_VERSION, outs)) == self._grad_versions:  # the usual case, without a Python loop
-            for t in outs:
-                t.grad = None
-            grad_index, ready_list = self._grad_at, [None] * len(outs)
+        if taken is not None:  # the usual case, without a Python loop
+            grad_index, grad_list, ready_list = self._grad_at, taken, []
         else:
             grad_index, grad_list, ready_list = [], [], []
             for i, t, version in zip(self._grad_at, outs, self._grad_versions, strict=True):
