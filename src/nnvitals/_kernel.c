@@ -318,31 +318,38 @@ static int fits(const item_t *it, int64_t size, int64_t bins, int64_t cells) {
     return it->o_flag >= 0 && it->o_flag < size && it->o_alive >= 0 && it->o_alive + it->units <= size;
 }
 
-/* reduce(items_address, count, out_address, out_size, cells_address, cells_size, bins, saturation_cut,
- *        dead_cut) */
+/* reduce(items_address, count, out, cells_address, cells_size, bins, saturation_cut, dead_cut); out: a writable
+ * float32 buffer (a numpy array), the block the items' slots index */
 static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError,
-                        "reduce(items, count, out, size, cells, cells_size, bins, saturation_cut, dead_cut)");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "reduce(items, count, out, cells, cells_size, bins, saturation_cut, dead_cut)");
         return NULL;
     }
     const item_t *items = (const item_t *)(intptr_t)PyLong_AsLongLong(args[0]);
     const int64_t count = PyLong_AsLongLong(args[1]);
-    float *out = (float *)(intptr_t)PyLong_AsLongLong(args[2]);
-    const int64_t size = PyLong_AsLongLong(args[3]);
-    const int64_t cells = PyLong_AsLongLong(args[5]);
-    config_t cfg = {PyLong_AsLongLong(args[6]), (float)PyFloat_AsDouble(args[7]), (float)PyFloat_AsDouble(args[8]),
-                    (uint8_t *)(intptr_t)PyLong_AsLongLong(args[4])};
+    const int64_t cells = PyLong_AsLongLong(args[4]);
+    config_t cfg = {PyLong_AsLongLong(args[5]), (float)PyFloat_AsDouble(args[6]), (float)PyFloat_AsDouble(args[7]),
+                    (uint8_t *)(intptr_t)PyLong_AsLongLong(args[3])};
     if (PyErr_Occurred()) return NULL;
     if (cfg.bins < 1 || count < 0) {
         PyErr_SetString(PyExc_ValueError, "reduce: bins must be positive and count not negative");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    float *out = (float *)view.buf;
+    const int64_t size = (int64_t)(view.len / (Py_ssize_t)sizeof(float));
+    if (view.itemsize != sizeof(float)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "reduce: out must be a float32 buffer");
         return NULL;
     }
     for (int64_t k = 0; k < count; k++) {
         if (!fits(&items[k], size, cfg.bins, cells)) {
             PyErr_Format(PyExc_ValueError, "reduce: item %lld does not fit a block of %lld values", (long long)k,
                          (long long)size);
+            PyBuffer_Release(&view);
             return NULL;
         }
     }
@@ -354,6 +361,7 @@ static PyObject *reduce(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     free(counts);
     free(buf);
+    PyBuffer_Release(&view);
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -713,7 +721,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 8
+#define KERNEL_VERSION 9
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 8  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 9  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -442,7 +442,7 @@ class _Layout:
         self.maps: list[tuple[int, int, int, int]] = []  # (item, first cell, rows, units) of saturation maps
         self.cells = 0  # saturation-map cells in all
         self._items: np.ndarray | None = None
-        self._y: tuple[int, int] | None = None  # (address, size) of the y block the items point into
+        self._y: torch.Tensor | None = None  # the y block the items point into (the Trainable's, kept as long as it)
         # rows whose `y` lies in one block given to `run` (1 in y_rows), at these byte offsets of it
         self.y_rows: np.ndarray | None = None
         self.y_offsets: np.ndarray | None = None
@@ -506,16 +506,16 @@ class _Layout:
         if _kernel.addresses(self._at[0], len(items), xs if isinstance(xs, list) else list(xs), torch.float32) != -1:
             items["x"] = self._addresses(xs, keep)  # some tensor is not float32 and contiguous: converted here
         if self.y_rows is not None and self.y_offsets is not None \
-                and (y_block is None or self._y != (y_block.data_ptr(), y_block.numel())):  # (usually the same)
+                and (y_block is None or y_block is not self._y):  # (usually the same block)
             ends = self.y_offsets + self.y_rows * 4 * items["numel"]
             if y_block is None or not (y_block.dtype == torch.float32 and y_block.is_contiguous() and y_block.is_cpu
                                        and int(ends.max(initial=0)) <= 4 * y_block.numel()):
                 raise RuntimeError("nnvitals: the weights' copy does not match the weights")
             items["y"] = self.y_rows * y_block.data_ptr() + self.y_offsets
-            self._y = y_block.data_ptr(), y_block.numel()
-        out = np.empty(self.size, np.float32)  # (numpy: cheaper to make than a tensor, and the host array as is)
-        _kernel.reduce(self._at[0], len(items), out.__array_interface__["data"][0], self.size, self._at[1],
-                       self.cells, HIST_BINS, SATURATION_CUT, DEAD_CUT)
+            self._y = y_block
+        # (numpy: cheaper to make than a tensor, and the host array as is; none where nothing is measured)
+        out = np.empty(self.size, np.float32) if self.size else _NOTHING
+        _kernel.reduce(self._at[0], len(items), out, self._at[1], self.cells, HIST_BINS, SATURATION_CUT, DEAD_CUT)
         if not self.maps:
             return out, []
         cells = self._cells.copy()
@@ -535,6 +535,9 @@ class _Layout:
                 keep.append(t)
             found.append(t.data_ptr())
         return found
+
+
+_NOTHING = np.empty(0, np.float32)  # the block of a layout that only copies
 
 
 def _take_grads(outs: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor | None] | None:
