@@ -259,6 +259,7 @@ class _Trainable:
     def __post_init__(self) -> None:
         weights = set(self.weights)
         self.described = [(n, tuple(p.shape), kind) for n, p, kind in self.ps]  # what RawPass needs of them
+        self.params = [p for _, p, _ in self.ps]
         self.w = [self.ps[i][1] for i in self.weights]  # the weights
         self.rest = [p for i, (_, p, _) in enumerate(self.ps) if i not in weights]  # biases, gains
 
@@ -742,22 +743,32 @@ class Recorder:
     def attach(self) -> None:
         if self.attached:
             return
-        # Which hooks go where is worked out on the first attach and kept (a Monitor attaches every sample).
-        # Two process-wide module hooks hand each call to the watched module's own hook: registering them
-        # costs a few microseconds where a hook per module cost a hundred.
+        # Two process-wide module hooks hand each call to the watched module's own hook: registering them costs a
+        # few microseconds where a hook per module cost a hundred. They are made on the first attach and kept (a
+        # Monitor attaches every sample).
         track_stack = self.functions or self.trace_all
-        key = ("attach", track_stack)
+        replay = getattr(_kernel, "Replay", None)
+        key = ("attach", track_stack, replay)
         if key not in self._cache:
-            table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
-            pushed: dict[int, nn.Module] = {}
-            for name, module in self.model.named_modules():
-                kind = module_kind(module)
-                if track_stack and module is not self.model:
-                    pushed[id(module)] = module
-                if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or id(module) in pushed:
-                    table[id(module)] = (module, self._make_hook(name, kind, module), name, is_batchnorm(module))
-            self._cache[key] = table, pushed
-        table, pushed = self._cache[key]
+            self._cache[key] = self._hooks(track_stack, replay)
+        hook, before = self._cache[key]
+        if before is not None:
+            self._handles.append(register_module_forward_pre_hook(before))
+        if track_stack:  # (the model's own calls counted, to know when a pass ends)
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+        self._handles.append(register_module_forward_hook(hook, always_call=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
+
+    def _hooks(self, track_stack: bool, replay: Any) -> tuple[Callable[..., None], Callable[..., None] | None]:
+        """For `attach`: the process-wide forward hook and, where the call stack is tracked, the pre-hook."""
+        table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
+        pushed: dict[int, nn.Module] = {}
+        for name, module in self.model.named_modules():
+            kind = module_kind(module)
+            if track_stack and module is not self.model:
+                pushed[id(module)] = module
+            if kind is not None or isinstance(module, nn.Dropout | nn.AlphaDropout) or id(module) in pushed:
+                table[id(module)] = (module, self._make_hook(name, kind, module), name, is_batchnorm(module))
 
         def after(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             entry = table.get(id(module))
@@ -790,15 +801,10 @@ class Recorder:
 
         # Where the kernel is built and no call stack is tracked, its Replay does `after`'s common case in C (the
         # same steps, less interpreter), handing everything else to `after`.
-        replay = getattr(_kernel, "Replay", None)
-        hook = after if replay is None or pushed else replay(self, table, torch.Tensor, torch.is_grad_enabled,
-                                                             STACK_LIMIT, FLUSH_ELEMENTS, after, _LINEAR)
-        if pushed:
-            self._handles.append(register_module_forward_pre_hook(before))
-        if track_stack:  # (the model's own calls counted, to know when a pass ends)
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
-        self._handles.append(register_module_forward_hook(hook, always_call=True))
-        self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
+        if replay is None or pushed:
+            return after, before if pushed else None
+        return replay(self, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, after,
+                      _LINEAR), None
 
     def detach(self) -> None:
         for h in self._handles:
@@ -1320,10 +1326,10 @@ class Recorder:
                 else np.zeros(0, np.float32)
         raw = RawPass(
             host=host, chunks=self._chunks, grads=grad_index,
-            params=trainable.described, has_grad=[p.grad is not None for _, p, _ in ps],
+            params=trainable.described, has_grad=list(map(operator.is_not, map(_GRAD, trainable.params), repeat(None))),
             weights=trainable.weights, updates_measured=before is not None, lr=lr,
-            maps=self._maps, finite_flags=[n for n, _, _ in self._finite_flags],
-            grad_flags=[n for n, _ in self._grad_flags], consumers=self._consumers,
+            maps=self._maps, finite_flags=[n for n, _, _ in self._finite_flags] if self._finite_flags else [],
+            grad_flags=[n for n, _ in self._grad_flags] if self._grad_flags else [], consumers=self._consumers,
             inputs_checked=self._inputs_finite is not None, world=world, stale=self._stale,
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
                            self._mode_events, self._bn_batches, self._bias_before_norm),
