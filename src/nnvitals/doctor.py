@@ -272,6 +272,7 @@ class Monitor:
         self.model = model
         self.every = every
         self.steps = 0  # optimizer steps seen so far
+        self._quiet_to = 0  # step() has nothing to do but count until `steps` reaches this (see step)
         self._recorder = Recorder(model, functions=True)
         # (step, loss, numbers) per sampled step; numbers are read (and become a history row) when asked
         self._passes: list[tuple[int, Any, RawPass | PassStats]] = []
@@ -292,6 +293,7 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self._entered = False
+        self._quiet_to = 0
         self._recorder.detach()
         if self._writer is not None and self._recent and is_main_process():
             tensorboard_output.write_findings(self._writer, self._passes[-1][0], self.findings())
@@ -315,21 +317,27 @@ class Monitor:
         """Record nothing until `resume()` (e.g. the micro-batches of gradient accumulation that do not end
         an optimizer step); the weights kept for the next update ratio stay as they are."""
         self._recorder.detach()
+        self._quiet_to = 0
 
     def resume(self) -> None:
         """Record again, if the current step is a sampled one."""
         if self._entered and self.sampled(self.steps):
             self._recorder.attach()
+        self._quiet_to = 0
 
     def seek(self, step: int) -> None:
         """Count the next optimizer step as `step` (a trainer that takes several optimizer steps a batch)."""
         if step != self.steps:
             self.steps = step
+            self._quiet_to = 0
             if self._entered:
                 self._arm()
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Call once after each optimizer step. On sampled steps this reads the statistics (one transfer)."""
+        if self.steps < self._quiet_to:  # most steps: neither sampled nor the one before a sampled one
+            self.steps += 1
+            return
         if not self._entered:
             raise RuntimeError("use the Monitor as a context manager: `with nnvitals.Monitor(model) as mon:`")
         recorder = self._recorder
@@ -360,8 +368,10 @@ class Monitor:
                 self._functions_checked = True
                 recorder.detach()
         self.steps += 1
-        if recorder.attached or self.steps % self.every == 0:  # else nothing to arm or disarm (most steps)
+        if recorder.attached or self.steps % self.every == 0:  # else nothing to arm or disarm
             self._arm(before)
+        if not recorder.attached:  # nothing but counting until the step before the next sampled one
+            self._quiet_to = self.steps + (-self.steps - 1) % self.every
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -382,6 +392,7 @@ class Monitor:
         if state["every"] != self.every:
             raise ValueError(f"the saved Monitor sampled every {state['every']} steps, this one every {self.every}")
         self.steps = state["steps"]
+        self._quiet_to = 0
         self._start_loss = state["start_loss"]
         self._rows = {row["step"]: row for row in state["history"]}
         recent = [PassStats.from_dict(d) for d in state["recent"]]

@@ -271,6 +271,22 @@ def test_pause_records_nothing_and_seek_renumbers_the_next_step():
     assert [row["step"] for row in mon.history] == [4] and mon.steps == 5
 
 
+def test_only_every_nth_step_is_recorded_around_seeks_and_pauses():
+    """Between samples step() only counts; a seek or a pause and resume in such a stretch leaves exactly the
+    sampled steps recorded."""
+    model, opt, g, data, targets = setup(EXAMPLES["makemore-fixed"])
+    with nnvitals.Monitor(model, every=5) as mon:
+        run(3, model, opt, g, data, targets, mon)  # steps 0 (recorded), 1, 2
+        mon.seek(8)
+        run(4, model, opt, g, data, targets, mon)  # 8, 9, 10 (recorded), 11
+        mon.pause()
+        mon.resume()
+        run(10, model, opt, g, data, targets, mon)  # 12 to 21: 15 and 20 recorded
+    assert [row["step"] for row in mon.history] == [0, 10, 15, 20] and mon.steps == 22
+    with pytest.raises(RuntimeError, match="context manager"):
+        mon.step()  # closed: says so, also in a stretch between samples
+
+
 class _InPlaceAfter(nn.Module):
     """BatchNorm feeding an in-place ReLU, and a Linear whose output is changed in place only when `late`."""
 
