@@ -423,13 +423,14 @@ static PyObject *addresses(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * the record the last pass made at this place is kept here; everything else goes to the layer's own hook. */
 typedef struct {
     PyObject_HEAD
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear;
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root;
 } replay_t;
 
 static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_numel, *s_protected,
     *s_copy, *s_name, *s_entries, *s_version, *s_outs, *s_unprotected, *s_requires_grad, *s_retain_grad,
     *s_grad_outs, *s_grad_at, *s_grad_versions, *s_pending, *s_flush, *s_batchnorm, *s_training, *s_bn_batches,
-    *s_bias_before_norm, *s_parameters, *s_bias;
+    *s_bias_before_norm, *s_parameters, *s_bias, *s_is_floating_point, *s_output_shape, *s_output_name,
+    *s_output_params, *s_trace_all, *s_cache, *s_root_post;
 
 static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->recorder);
@@ -440,23 +441,25 @@ static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->flush_limit);
     Py_XDECREF(self->fallback);
     Py_XDECREF(self->linear);
+    Py_XDECREF(self->root);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types) */
+/* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types,
+ *        model) */
 static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear;
-    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!OO!", &recorder, &PyDict_Type, &table, &PyType_Type,
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!OO!O", &recorder, &PyDict_Type, &table, &PyType_Type,
                                             &tensor, &grad_enabled, &PyLong_Type, &stack_limit, &PyLong_Type,
-                                            &flush_limit, &fallback, &PyTuple_Type, &linear))
+                                            &flush_limit, &fallback, &PyTuple_Type, &linear, &root))
         return NULL;
     replay_t *self = (replay_t *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    PyObject *all[8] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback, linear};
-    for (int i = 0; i < 8; i++) Py_INCREF(all[i]);
+    PyObject *all[9] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback, linear, root};
+    for (int i = 0; i < 9; i++) Py_INCREF(all[i]);
     self->recorder = recorder, self->table = table, self->tensor = tensor, self->grad_enabled = grad_enabled;
     self->stack_limit = stack_limit, self->flush_limit = flush_limit, self->fallback = fallback;
-    self->linear = linear;
+    self->linear = linear, self->root = root;
     return (PyObject *)self;
 }
 
@@ -638,27 +641,121 @@ done:
     Py_XDECREF(items);
     return result;
 }
-/* hook(module, args, out): the call kept here, or handed to the Python hook (the last argument of Replay) */
+/* The model's own call returning, as Recorder._root_post takes it, where no input is a floating-point tensor (to be
+ * checked for NaN/Inf with torch ops) and the output's layer parameters are known: 0; 1 where that method is
+ * needed; -1 with an exception set. */
+static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, PyObject *out) {
+    PyObject *rec = self->recorder;
+    PyObject *values = call_kwargs != NULL ? PyDict_Values(call_kwargs) : NULL;
+    if (call_kwargs != NULL && values == NULL) return -1;
+    int result = 0;
+    for (int part = 0; part < 2 && result == 0; part++) {
+        PyObject *seq = part == 0 ? inputs : values;
+        for (Py_ssize_t i = 0; seq != NULL && i < PySequence_Fast_GET_SIZE(seq) && result == 0; i++) {
+            PyObject *a = PySequence_Fast_GET_ITEM(seq, i);
+            if (!PyObject_TypeCheck(a, (PyTypeObject *)self->tensor)) continue;
+            PyObject *dtype = GET(a, s_dtype), *floating = dtype != NULL ? GET(dtype, s_is_floating_point) : NULL;
+            result = floating == NULL ? -1 : floating == Py_False ? 0 : 1;
+            Py_XDECREF(dtype);
+            Py_XDECREF(floating);
+        }
+    }
+    Py_XDECREF(values);
+    if (result != 0) return result;
+    PyObject *enabled = PyObject_CallNoArgs(self->grad_enabled);
+    if (enabled == NULL) return -1;
+    const int grad = enabled == Py_True;
+    Py_DECREF(enabled);
+    if (!grad || !PyObject_TypeCheck(out, (PyTypeObject *)self->tensor)) return 0;
+    PyObject *known = GET(rec, s_output_shape), *traced = known != NULL ? GET(rec, s_trace_all) : NULL;
+    if (traced == NULL) {
+        Py_XDECREF(known);
+        return -1;
+    }
+    const int measured = known != Py_None, plain = traced == Py_False;
+    Py_DECREF(known);
+    Py_DECREF(traced);
+    if (measured) return 0; /* (the first call of the model to return is the one measured) */
+    if (!plain) return 1;
+    PyObject *size = GET(out, s_shape), *shape = size != NULL ? PySequence_Tuple(size) : NULL;
+    Py_XDECREF(size);
+    PyObject *needs = shape != NULL ? GET(out, s_requires_grad) : NULL, *params = NULL, *name = Py_None;
+    if (needs == NULL) goto failed;
+    if (needs == Py_True) { /* the output layer's parameters, as worked out for this shape before */
+        PyObject *cache = GET(rec, s_cache), *key = Py_BuildValue("(sO)", "output", shape);
+        params = cache != NULL && key != NULL ? PyDict_GetItemWithError(cache, key) : NULL; /* borrowed */
+        Py_XINCREF(params);
+        Py_XDECREF(cache);
+        Py_XDECREF(key);
+        if (params == NULL) {
+            if (PyErr_Occurred()) goto failed;
+            Py_DECREF(needs);
+            Py_DECREF(shape);
+            return 1;
+        }
+    }
+    PyObject *producers = GET(rec, s_producers), *at = producers != NULL ? PyLong_FromVoidPtr(out) : NULL;
+    PyObject *prod = at != NULL ? PyDict_GetItemWithError(producers, at) : NULL; /* borrowed */
+    Py_XDECREF(at);
+    if (prod == NULL && PyErr_Occurred()) {
+        Py_XDECREF(producers);
+        goto failed;
+    }
+    if (prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == out)
+        name = PyTuple_GET_ITEM(prod, 1);
+    Py_INCREF(name);
+    Py_XDECREF(producers);
+    int failed = PyObject_SetAttr(rec, s_output_shape, shape) < 0 || PyObject_SetAttr(rec, s_output_name, name) < 0 ||
+                 (params != NULL && PyObject_SetAttr(rec, s_output_params, params) < 0);
+    Py_DECREF(name);
+    Py_XDECREF(params);
+    Py_DECREF(needs);
+    Py_DECREF(shape);
+    return failed ? -1 : 0;
+failed:
+    Py_XDECREF(needs);
+    Py_XDECREF(shape);
+    Py_XDECREF(params);
+    return -1;
+}
+
+/* hook(module, args[, kwargs], out), as torch calls a process-wide forward hook registered with its keyword
+ * arguments (without them when forward raised): the call kept here, or handed to the Python hook (the
+ * `hook` argument of Replay); then, for the model itself, what Recorder._root_post does. */
 static PyObject *replay_call(replay_t *self, PyObject *args, PyObject *kwargs) {
-    PyObject *module, *inputs, *out;
-    if (kwargs != NULL || !PyArg_UnpackTuple(args, "hook", 3, 3, &module, &inputs, &out)) return NULL;
+    PyObject *module, *inputs, *third, *fourth = NULL;
+    if (kwargs != NULL || !PyArg_UnpackTuple(args, "hook", 3, 4, &module, &inputs, &third, &fourth)) return NULL;
+    PyObject *call_kwargs = fourth != NULL ? third : NULL, *out = fourth != NULL ? fourth : third;
+    if (!PyTuple_Check(inputs) || (call_kwargs != NULL && !PyDict_Check(call_kwargs))) {
+        PyErr_SetString(PyExc_TypeError, "hook(module, args: tuple[, kwargs: dict], output)");
+        return NULL;
+    }
     PyObject *key = PyLong_FromVoidPtr(module);
     if (key == NULL) return NULL;
     PyObject *entry = PyDict_GetItemWithError(self->table, key); /* (module, hook, name, is_batchnorm) */
     Py_DECREF(key);
-    if (entry == NULL) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
+    if (entry == NULL && PyErr_Occurred()) return NULL;
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4 && PyTuple_GET_ITEM(entry, 0) == module) {
+        Py_INCREF(entry);
+        const int kept = replay_keep(self, module, inputs, out, entry);
+        Py_DECREF(entry);
+        if (kept < 0) return NULL;
+        if (!kept) {
+            PyObject *r = PyObject_CallFunctionObjArgs(self->fallback, module, inputs, out, NULL);
+            if (r == NULL) return NULL;
+            Py_DECREF(r);
+        }
     }
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || PyTuple_GET_ITEM(entry, 0) != module ||
-        !PyTuple_Check(inputs))
-        Py_RETURN_NONE;
-    Py_INCREF(entry);
-    const int kept = replay_keep(self, module, inputs, out, entry);
-    Py_DECREF(entry);
-    if (kept < 0) return NULL;
-    if (kept) Py_RETURN_NONE;
-    return PyObject_CallFunctionObjArgs(self->fallback, module, inputs, out, NULL);
+    if (module != self->root) Py_RETURN_NONE;
+    const int root = replay_root(self, inputs, call_kwargs, out);
+    if (root < 0) return NULL;
+    if (root == 0) Py_RETURN_NONE;
+    PyObject *empty = call_kwargs == NULL ? PyDict_New() : NULL;
+    if (call_kwargs == NULL && empty == NULL) return NULL;
+    PyObject *r = PyObject_CallMethodObjArgs(self->recorder, s_root_post, module, inputs,
+                                             call_kwargs != NULL ? call_kwargs : empty, out, NULL);
+    Py_XDECREF(empty);
+    return r;
 }
 
 static PyTypeObject replay_type = {
@@ -668,7 +765,8 @@ static PyTypeObject replay_type = {
     .tp_new = replay_new,
     .tp_dealloc = (destructor)replay_dealloc,
     .tp_call = (ternaryfunc)replay_call,
-    .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types)",
+    .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types, "
+               "model)",
 };
 
 static PyObject *s_grad; /* interned "grad" */
@@ -721,7 +819,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 9
+#define KERNEL_VERSION 10
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
@@ -735,12 +833,14 @@ PyMODINIT_FUNC PyInit__kernel(void) {
                            "copy", "name", "_entries", "_version", "_outs", "_unprotected", "requires_grad",
                            "retain_grad", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",
                            "_replayed_batchnorm", "training", "_bn_batches", "_bias_before_norm", "_parameters",
-                           "bias"};
+                           "bias", "is_floating_point", "_output_shape", "_output_name", "_output_params", "trace_all",
+                           "_cache", "_root_post"};
     PyObject **slots[] = {&s_specs, &s_matched, &s_template, &s_producers, &s_shape, &s_numel,
                           &s_protected, &s_copy, &s_name, &s_entries, &s_version, &s_outs, &s_unprotected,
                           &s_requires_grad, &s_retain_grad, &s_grad_outs, &s_grad_at, &s_grad_versions, &s_pending,
                           &s_flush, &s_batchnorm, &s_training, &s_bn_batches, &s_bias_before_norm, &s_parameters,
-                          &s_bias};
+                          &s_bias, &s_is_floating_point, &s_output_shape, &s_output_name, &s_output_params,
+                          &s_trace_all, &s_cache, &s_root_post};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
     if (PyType_Ready(&replay_type) < 0) return NULL;

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 9  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 10  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -751,16 +751,22 @@ class Recorder:
         key = ("attach", track_stack, replay)
         if key not in self._cache:
             self._cache[key] = self._hooks(track_stack, replay)
-        hook, before = self._cache[key]
+        hook, before, replayed = self._cache[key]
         if before is not None:
             self._handles.append(register_module_forward_pre_hook(before))
         if track_stack:  # (the model's own calls counted, to know when a pass ends)
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
-        self._handles.append(register_module_forward_hook(hook, always_call=True))
-        self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
+        if replayed:  # (the kernel's Replay does `_root_post`'s work too: one hook fewer to register and call)
+            self._handles.append(register_module_forward_hook(hook, with_kwargs=True, always_call=True))
+        else:
+            self._handles.append(register_module_forward_hook(hook, always_call=True))
+            self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True,
+                                                                  always_call=True))
 
-    def _hooks(self, track_stack: bool, replay: Any) -> tuple[Callable[..., None], Callable[..., None] | None]:
-        """For `attach`: the process-wide forward hook and, where the call stack is tracked, the pre-hook."""
+    def _hooks(self, track_stack: bool, replay: Any
+               ) -> tuple[Callable[..., None], Callable[..., None] | None, bool]:
+        """For `attach`: the process-wide forward hook, the pre-hook where the call stack is tracked, and whether
+        the forward hook is the kernel's Replay."""
         table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
         pushed: dict[int, nn.Module] = {}
         for name, module in self.model.named_modules():
@@ -802,9 +808,9 @@ class Recorder:
         # Where the kernel is built and no call stack is tracked, its Replay does `after`'s common case in C (the
         # same steps, less interpreter), handing everything else to `after`.
         if replay is None or pushed:
-            return after, before if pushed else None
+            return after, before if pushed else None, False
         return replay(self, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, after,
-                      _LINEAR), None
+                      _LINEAR, self.model), None, True
 
     def detach(self) -> None:
         for h in self._handles:

@@ -436,7 +436,9 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
                 loss.backward()
                 opt.step()
                 mon.step(loss)
-        return mon.history, [f.code for f in mon.findings()]
+        stats = mon.report().stats
+        return mon.history, [f.code for f in mon.findings()], (stats.output_name, stats.output_shape,
+                                                                stats.output_params)
 
     kernel = probes._kernel
     for every in (1, 3):
@@ -447,3 +449,41 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
         assert in_c == in_python
         assert len(in_c[0]) == len(range(0, 7, every)) and "lin" in in_c[0][-1]["layers"]
         assert {"bias-before-norm", "train-eval-mode"} <= set(in_c[1])
+        assert in_c[2] == ("out", (32, 27), [("out.bias", "zero"), ("out.weight", "scale")])
+
+
+class _Scaled(nn.Module):
+    """Float inputs, passed by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 16)
+        self.act = nn.Tanh()
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, *, x):
+        return self.out(self.act(self.lin(x)))
+
+
+def test_a_nan_in_the_inputs_is_reported_with_the_replay_in_c_or_in_python(replay):
+    """The model's inputs are checked for NaN/Inf on sampled steps, keyword arguments too, and its output
+    layer named, whichever does the forward hook's common case."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with nnvitals.Monitor(model, every=2) as mon:
+        for step in range(5):
+            x = torch.randn(16, 4, generator=g)
+            if step == 4:
+                x[2, 1] = float("nan")
+            loss = nn.functional.cross_entropy(model(x=x), torch.randint(0, 3, (16,), generator=g))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            if step == 2:  # a clean sampled step: nothing to report
+                assert "nonfinite" not in [f.code for f in mon.findings()]
+    report = mon.report()
+    assert [f.where for f in report.findings if f.code == "nonfinite"][:1] == ["input"]
+    assert (report.stats.output_name, report.stats.output_shape) == ("out", (16, 3))
