@@ -806,11 +806,35 @@ failed:
     return NULL;
 }
 
+/* as_recorded(rows): whether every (place, output, version, copied) row kept without a copy has an output still at
+ * the version it had when recorded (Recorder._buffered's usual case: nothing to mark). */
+static PyObject *as_recorded(PyObject *self, PyObject *rows) {
+    (void)self;
+    if (!PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "as_recorded(rows: list)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4 || PyTuple_GET_ITEM(row, 3) != Py_False)
+            Py_RETURN_FALSE;
+        PyObject *version = PyObject_GetAttr(PyTuple_GET_ITEM(row, 1), s_version);
+        if (version == NULL) return NULL;
+        const int same = PyObject_RichCompareBool(version, PyTuple_GET_ITEM(row, 2), Py_EQ);
+        Py_DECREF(version);
+        if (same < 0) return NULL;
+        if (!same) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
      "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
     {"addresses", (PyCFunction)(void (*)(void))addresses, METH_FASTCALL,
      "Set the items' tensor addresses where the tensors are as the kernel reads them (see probes.py)."},
+    {"as_recorded", as_recorded, METH_O,
+     "Whether every output kept without a copy is still at the version it had when recorded."},
     {"take_grads", (PyCFunction)(void (*)(void))take_grads, METH_FASTCALL,
      "The gradients kept for these outputs, dropped from them, if all arrived and no output changed; else None."},
     {NULL, NULL, 0, NULL},

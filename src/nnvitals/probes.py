@@ -541,6 +541,15 @@ class _Layout:
 _NOTHING = np.empty(0, np.float32)  # the block of a layout that only copies
 
 
+def _as_recorded(rows: list[tuple[int, torch.Tensor, int, bool]]) -> bool:
+    """Whether every row (place, output, version then, copied) was kept without a copy and its output is still at
+    that version (by the kernel where it is built)."""
+    check = getattr(_kernel, "as_recorded", None)
+    if check is not None:
+        return bool(check(rows))
+    return all(not copied and out._version == version for _, out, version, copied in rows)
+
+
 def _take_grads(outs: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor | None] | None:
     """The gradients retain_grad kept for these outputs, dropped from them, when all arrived and no output has
     changed since it was recorded; else None, nothing dropped (by the kernel where it is built)."""
@@ -1057,11 +1066,13 @@ class Recorder:
         """The buffered outputs' specs and plan, now a chunk of the pass; those buffered without a copy are
         checked to be as they were when recorded."""
         specs = self._specs[len(self._specs) - len(self._outs):]
-        for index, out, version, copied in self._unprotected:
-            changed = out._version != version
-            if not copied and changed:  # its numbers would be those of whatever changed it: none this time
-                self._stale.add(index)
-            self._specs[index].copy = changed
+        rows = self._unprotected
+        if rows and not _as_recorded(rows):  # (usually none was copied and none has changed: nothing to mark)
+            for index, out, version, copied in rows:
+                changed = out._version != version
+                if not copied and changed:  # its numbers would be those of whatever changed it: none this time
+                    self._stale.add(index)
+                self._specs[index].copy = changed
         self._unprotected = []
         plan = self._plan(specs)
         self._chunks.append((specs, plan))
@@ -1283,7 +1294,8 @@ class Recorder:
                     grad_index.append(i)
                     grad_list.append(None)
                     ready_list.append(self._grad_blocks[i])
-        grad_specs = [self._specs[i] for i in grad_index]
+        # (grad_index rises: as long as the specs, it is all of them)
+        grad_specs = self._specs if len(grad_index) == len(self._specs) else [self._specs[i] for i in grad_index]
         trainable = self._trainable()
         ps = trainable.ps
         if before is not None:
@@ -1293,7 +1305,8 @@ class Recorder:
         # Two parts: what the processes under torch.distributed add up (outputs, gradients) and the rest.
         own: torch.Tensor | None = None
         world = world_size()
-        flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags]
+        flags = [f for _, a, b in self._finite_flags for f in (a, b)] + [f for _, f in self._grad_flags] \
+            if self._finite_flags or self._grad_flags else []
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
         host: np.ndarray | None = None
