@@ -680,7 +680,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
     PyObject *size = GET(out, s_shape), *shape = size != NULL ? PySequence_Tuple(size) : NULL;
     Py_XDECREF(size);
     PyObject *needs = shape != NULL ? GET(out, s_requires_grad) : NULL, *params = NULL, *name = Py_None;
-    if (needs == NULL) goto failed;
+    if (needs == NULL) goto error;
     if (needs == Py_True) { /* the output layer's parameters, as worked out for this shape before */
         PyObject *cache = GET(rec, s_cache), *key = Py_BuildValue("(sO)", "output", shape);
         params = cache != NULL && key != NULL ? PyDict_GetItemWithError(cache, key) : NULL; /* borrowed */
@@ -688,7 +688,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
         Py_XDECREF(cache);
         Py_XDECREF(key);
         if (params == NULL) {
-            if (PyErr_Occurred()) goto failed;
+            if (PyErr_Occurred()) goto error;
             Py_DECREF(needs);
             Py_DECREF(shape);
             return 1;
@@ -699,7 +699,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
     Py_XDECREF(at);
     if (prod == NULL && PyErr_Occurred()) {
         Py_XDECREF(producers);
-        goto failed;
+        goto error;
     }
     if (prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == out)
         name = PyTuple_GET_ITEM(prod, 1);
@@ -712,7 +712,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
     Py_DECREF(needs);
     Py_DECREF(shape);
     return failed ? -1 : 0;
-failed:
+error:
     Py_XDECREF(needs);
     Py_XDECREF(shape);
     Py_XDECREF(params);

@@ -752,9 +752,9 @@ class Recorder:
     def attach(self) -> None:
         if self.attached:
             return
-        # Two process-wide module hooks hand each call to the watched module's own hook: registering them costs a
-        # few microseconds where a hook per module cost a hundred. They are made on the first attach and kept (a
-        # Monitor attaches every sample).
+        # A process-wide forward hook (with a pre-hook where the call stack is tracked) hands each call to the
+        # watched module's own hook: registering it costs a few microseconds where a hook per module cost a
+        # hundred. The hooks are made on the first attach and kept (a Monitor attaches every sample).
         track_stack = self.functions or self.trace_all
         replay = getattr(_kernel, "Replay", None)
         key = ("attach", track_stack, replay)
