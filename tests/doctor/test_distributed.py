@@ -2,6 +2,7 @@
 whole batch, with one collective per sampled step and none in between."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -36,6 +37,16 @@ def run(model, x, y, every, steps):
     return mon
 
 
+def leave():
+    """End a worker: both processes done before either tears down, and then no interpreter teardown at all.
+    gloo can abort a process (SIGABRT, "terminate called without an active exception") whose peer closed the
+    connection while it was still open, or whose threads are still winding down as the interpreter exits;
+    the results are written by then."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def worker(rank, init_file, out_file, every, steps):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     calls = []
@@ -54,10 +65,7 @@ def worker(rank, init_file, out_file, every, steps):
     layers = [lay.to_dict() for lay in mon.report().layers]
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump({"layers": layers, "calls": len(calls), "rows": len(mon.history), "plots": len(plots)}, f)
-    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
-    # called without an active exception") whose peer closed the connection while it was still open
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def distributed_run(tmp_path, every, steps):
@@ -132,10 +140,7 @@ def bn_worker(rank, init_file, out_file):
     got["sync_forwards"] = cpu_sync_batchnorm.calls
     with open(f"{out_file}.{rank}", "w") as f:
         json.dump(got, f)
-    # both processes done before either tears down: gloo can abort a process (SIGABRT, "terminate
-    # called without an active exception") whose peer closed the connection while it was still open
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def test_batchnorm_on_small_per_process_batches(tmp_path):
