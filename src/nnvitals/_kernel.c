@@ -466,6 +466,18 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
 /* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
 
+/* The record (output, name, module, place) whose output is `t`, from the recorder's producers (borrowed); NULL
+ * where there is none, or with an exception set. */
+static PyObject *producer_of(PyObject *producers, PyObject *t) {
+    PyObject *key = PyLong_FromVoidPtr(t);
+    if (key == NULL) return NULL;
+    PyObject *prod = PyDict_GetItemWithError(producers, key);
+    Py_DECREF(key);
+    return prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == t
+               ? prod
+               : NULL;
+}
+
 /* A replayed BatchNorm's checks, as Recorder._replayed_batchnorm does them: in training with a batch, its batch
  * size and, when the layer feeding it is a linear one with a bias, that bias (wasted); else (a mode to report)
  * that method itself. 0, or -1 with an exception set. */
@@ -507,7 +519,7 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     PyObject *rec = self->recorder;
     int result = -1;
     PyObject *specs = NULL, *matched = NULL, *template = NULL, *producers = NULL, *shape = NULL, *enabled = NULL,
-             *prod = NULL, *key = NULL, *numel = NULL, *protected_ = NULL, *copy = NULL, *version = NULL,
+             *prod = NULL, *numel = NULL, *protected_ = NULL, *copy = NULL, *version = NULL,
              *needs = NULL, *pending = NULL, *total = NULL, *items = NULL;
     specs = GET(rec, s_specs);
     matched = GET(rec, s_matched);
@@ -535,13 +547,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     if (same_shape < 0) goto done;
     enabled = PyObject_CallNoArgs(self->grad_enabled);
     if (enabled == NULL) goto done;
-    key = PyLong_FromVoidPtr(x);
-    if (key == NULL) goto done;
-    prod = PyDict_GetItemWithError(producers, key); /* borrowed */
+    prod = producer_of(producers, x);
     if (prod == NULL && PyErr_Occurred()) goto done;
-    long fed_by = -1;
-    if (prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == x)
-        fed_by = PyLong_AsLong(PyTuple_GET_ITEM(prod, 3));
+    const long fed_by = prod != NULL ? PyLong_AsLong(PyTuple_GET_ITEM(prod, 3)) : -1;
     if (!same_shape || enabled != Py_True || fed_by != PyLong_AsLong(x_from)) {
         result = PyErr_Occurred() ? -1 : 0;
         goto done;
@@ -630,7 +638,6 @@ done:
     Py_XDECREF(producers);
     Py_XDECREF(shape);
     Py_XDECREF(enabled);
-    Py_XDECREF(key);
     Py_XDECREF(numel);
     Py_XDECREF(protected_);
     Py_XDECREF(copy);
@@ -694,14 +701,12 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
             return 1;
         }
     }
-    PyObject *producers = GET(rec, s_producers), *at = producers != NULL ? PyLong_FromVoidPtr(out) : NULL;
-    PyObject *prod = at != NULL ? PyDict_GetItemWithError(producers, at) : NULL; /* borrowed */
-    Py_XDECREF(at);
+    PyObject *producers = GET(rec, s_producers), *prod = producers != NULL ? producer_of(producers, out) : NULL;
     if (prod == NULL && PyErr_Occurred()) {
         Py_XDECREF(producers);
         goto error;
     }
-    if (prod != NULL && PyTuple_Check(prod) && PyTuple_GET_SIZE(prod) == 4 && PyTuple_GET_ITEM(prod, 0) == out)
+    if (prod != NULL)
         name = PyTuple_GET_ITEM(prod, 1);
     Py_INCREF(name);
     Py_XDECREF(producers);

@@ -268,12 +268,11 @@ class _Trainable:
         """Whether the kernel reduces them: it is built and they are in host memory."""
         return self.on_cpu and _kernel is not None
 
-    def items(self, updates: bool, copy: bool = False) -> tuple[_Layout, list[torch.Tensor | None]]:
-        """The kernel's layout for the parameters' statistics and the tensors it reads. `updates`: also the
-        weights' updates, measured against `copy_block()` (given to `run`), which `copy` then overwrites with
-        the weights as they are now, in the same pass."""
-        what = "params+updates+copy" if updates and copy else "params+updates" if updates else "params"
-        return self.layout(what), self.tensors()
+    def params_layout(self, updates: bool, copy: bool = False) -> _Layout:
+        """The kernel's layout for the parameters' statistics, reading `tensors()`. `updates`: also the weights'
+        updates, measured against `copy_block()` (given to `run`), which `copy` then overwrites with the weights
+        as they are now, in the same pass."""
+        return self.layout("params+updates+copy" if updates and copy else "params+updates" if updates else "params")
 
     def tensors(self) -> list[torch.Tensor | None]:
         """What the parameters' layouts read, in their order: the weights, their gradients, the others, theirs."""
@@ -1211,7 +1210,7 @@ class Recorder:
             layouts.append(layout)
         split = sum(layout.size for layout in layouts)
         if t.ps:  # (the weights' copy for the next step taken as their updates are measured)
-            layouts.append(t.items(updates, copy)[0])
+            layouts.append(t.params_layout(updates, copy))
         if copy and not updates:
             layouts.append(t.layout("copy"))
         return _Layout.joined(layouts), out_order, grad_order, names, starts, split
@@ -1250,8 +1249,7 @@ class Recorder:
         w, rest = t.w, t.rest
         if t.by_kernel:  # the kernel, in one call
             block = before.block if before is not None else None
-            layout, xs = t.items(block is not None)
-            return torch.from_numpy(layout.run(xs, block)[0])
+            return torch.from_numpy(t.params_layout(block is not None).run(t.tensors(), block)[0])
         g = [_grad_or_zeros(p) for p in w]
         copies = before.copies if before is not None else None
         measured_tensors = w + g + (list(torch._foreach_sub(w, copies)) if copies is not None else [])
