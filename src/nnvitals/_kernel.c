@@ -423,14 +423,16 @@ static PyObject *addresses(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * the record the last pass made at this place is kept here; everything else goes to the layer's own hook. */
 typedef struct {
     PyObject_HEAD
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root;
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root,
+        *ordered_dict;
 } replay_t;
 
 static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_numel, *s_protected,
-    *s_copy, *s_name, *s_entries, *s_version, *s_outs, *s_unprotected, *s_requires_grad, *s_retain_grad,
+    *s_copy, *s_name, *s_entries, *s_version, *s_outs, *s_unprotected, *s_requires_grad, *s_grad_cells,
     *s_grad_outs, *s_grad_at, *s_grad_versions, *s_pending, *s_flush, *s_batchnorm, *s_training, *s_bn_batches,
     *s_bias_before_norm, *s_parameters, *s_bias, *s_is_floating_point, *s_output_shape, *s_output_name,
-    *s_output_params, *s_trace_all, *s_cache, *s_root_post;
+    *s_output_params, *s_trace_all, *s_cache, *s_root_post, *s_append, *s_backward_hooks, *s_grad_fn, *s_nnvitals,
+    *s_register_hook_dict, *s_register_hook;
 
 static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->recorder);
@@ -442,29 +444,62 @@ static void replay_dealloc(replay_t *self) {
     Py_XDECREF(self->fallback);
     Py_XDECREF(self->linear);
     Py_XDECREF(self->root);
+    Py_XDECREF(self->ordered_dict);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types,
- *        model) */
+ *        model, collections.OrderedDict) */
 static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root;
-    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!OO!O", &recorder, &PyDict_Type, &table, &PyType_Type,
+    PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root,
+        *ordered_dict;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "OO!O!OO!O!OO!OO!", &recorder, &PyDict_Type, &table, &PyType_Type,
                                             &tensor, &grad_enabled, &PyLong_Type, &stack_limit, &PyLong_Type,
-                                            &flush_limit, &fallback, &PyTuple_Type, &linear, &root))
+                                            &flush_limit, &fallback, &PyTuple_Type, &linear, &root, &PyType_Type,
+                                            &ordered_dict))
         return NULL;
     replay_t *self = (replay_t *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    PyObject *all[9] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback, linear, root};
-    for (int i = 0; i < 9; i++) Py_INCREF(all[i]);
+    PyObject *all[10] = {recorder, table, tensor, grad_enabled, stack_limit, flush_limit, fallback, linear, root,
+                         ordered_dict};
+    for (int i = 0; i < 10; i++) Py_INCREF(all[i]);
     self->recorder = recorder, self->table = table, self->tensor = tensor, self->grad_enabled = grad_enabled;
     self->stack_limit = stack_limit, self->flush_limit = flush_limit, self->fallback = fallback;
-    self->linear = linear, self->root = root;
+    self->linear = linear, self->root = root, self->ordered_dict = ordered_dict;
     return (PyObject *)self;
 }
 
 /* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
+
+/* A list autograd will append the output's gradient to, as probes._grad_cell makes it: a hook in a new hooks dict
+ * of the output, registered with its grad_fn as Tensor.register_hook does (without a handle); register_hook itself
+ * where the output already has hooks. A new reference, or NULL with an exception set. */
+static PyObject *grad_cell(replay_t *self, PyObject *out) {
+    PyObject *cell = PyList_New(0), *append = cell != NULL ? PyObject_GetAttr(cell, s_append) : NULL;
+    PyObject *hooks = append != NULL ? GET(out, s_backward_hooks) : NULL;
+    PyObject *grad_fn = hooks != NULL ? GET(out, s_grad_fn) : NULL, *r = NULL;
+    if (grad_fn == NULL) goto done;
+    if (hooks == Py_None && grad_fn != Py_None) {
+        PyObject *fresh = PyObject_CallNoArgs(self->ordered_dict);
+        if (fresh != NULL && PyObject_SetItem(fresh, s_nnvitals, append) == 0 &&
+            PyObject_SetAttr(out, s_backward_hooks, fresh) == 0)
+            r = PyObject_CallMethodOneArg(grad_fn, s_register_hook_dict, out);
+        Py_XDECREF(fresh);
+    } else {
+        r = PyObject_CallMethodOneArg(out, s_register_hook, append);
+    }
+done:
+    Py_XDECREF(append);
+    Py_XDECREF(hooks);
+    Py_XDECREF(grad_fn);
+    if (r == NULL) {
+        Py_XDECREF(cell);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return cell;
+}
 
 /* The record (output, name, module, place) whose output is `t`, from the recorder's producers (borrowed); NULL
  * where there is none, or with an exception set. */
@@ -608,15 +643,16 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
         failed = needs == NULL;
     }
     if (!failed && needs == Py_True) {
-        PyObject *r = PyObject_CallMethodNoArgs(out, s_retain_grad);
-        failed = r == NULL;
-        Py_XDECREF(r);
-        PyObject *lists[3] = {s_grad_outs, s_grad_at, s_grad_versions}, *values[3] = {out, position, version};
-        for (int i = 0; i < 3 && !failed; i++) {
+        PyObject *cell = grad_cell(self, out);
+        failed = cell == NULL;
+        PyObject *lists[4] = {s_grad_outs, s_grad_cells, s_grad_at, s_grad_versions},
+                 *values[4] = {out, cell, position, version};
+        for (int i = 0; i < 4 && !failed; i++) {
             items = GET(rec, lists[i]);
             failed = items == NULL || PyList_Append(items, values[i]) < 0;
             Py_CLEAR(items);
         }
+        Py_XDECREF(cell);
     }
     Py_DECREF(position);
     if (failed) goto done;
@@ -774,41 +810,39 @@ static PyTypeObject replay_type = {
                "model)",
 };
 
-static PyObject *s_grad; /* interned "grad" */
-
-/* take_grads(outputs, versions): the gradients autograd kept for these outputs (retain_grad), each dropped from its
- * output, when every one has arrived and no output has changed since it was recorded (its version then);
- * else None, and nothing is dropped (Recorder.collect then goes through them one by one). */
+/* take_grads(cells, outputs, versions): the gradients autograd handed these outputs, each taken from its cell (see
+ * grad_cell), when each came exactly once and no output has changed since it was recorded (its version then);
+ * else None, and nothing is taken (Recorder.collect then goes through them one by one). */
 static PyObject *take_grads(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
-        PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "take_grads(outputs: list, versions: list of the same length)");
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2]) ||
+        PyList_GET_SIZE(args[0]) != PyList_GET_SIZE(args[1]) || PyList_GET_SIZE(args[1]) != PyList_GET_SIZE(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "take_grads(cells: list, outputs: list, versions: list, of one length)");
         return NULL;
     }
     const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cell = PyList_GET_ITEM(args[0], i);
+        if (!PyList_Check(cell) || PyList_GET_SIZE(cell) != 1) Py_RETURN_NONE;
+        PyObject *version = PyObject_GetAttr(PyList_GET_ITEM(args[1], i), s_version);
+        if (version == NULL) return NULL;
+        const int same = PyObject_RichCompareBool(version, PyList_GET_ITEM(args[2], i), Py_EQ);
+        Py_DECREF(version);
+        if (same < 0) return NULL;
+        if (!same) Py_RETURN_NONE;
+    }
     PyObject *grads = PyList_New(n);
     if (grads == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *t = PyList_GET_ITEM(args[0], i), *g = PyObject_GetAttr(t, s_grad);
-        if (g == NULL) goto failed;
-        PyList_SET_ITEM(grads, i, g); /* (the list owns it now) */
-        PyObject *version = PyObject_GetAttr(t, s_version);
-        if (version == NULL) goto failed;
-        const int same = PyObject_RichCompareBool(version, PyList_GET_ITEM(args[1], i), Py_EQ);
-        Py_DECREF(version);
-        if (same < 0) goto failed;
-        if (g == Py_None || !same) {
+    for (Py_ssize_t i = 0; i < n; i++) { /* (each cell's one gradient moved to the list) */
+        PyObject *cell = PyList_GET_ITEM(args[0], i), *g = PyList_GET_ITEM(cell, 0);
+        Py_INCREF(g);
+        PyList_SET_ITEM(grads, i, g);
+        if (PyList_SetSlice(cell, 0, 1, NULL) < 0) {
             Py_DECREF(grads);
-            Py_RETURN_NONE;
+            return NULL;
         }
     }
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (PyObject_SetAttr(PyList_GET_ITEM(args[0], i), s_grad, Py_None) < 0) goto failed;
     return grads;
-failed:
-    Py_DECREF(grads);
-    return NULL;
 }
 
 /* as_recorded(rows): whether every (place, output, version, copied) row kept without a copy has an output still at
@@ -841,35 +875,35 @@ static PyMethodDef methods[] = {
     {"as_recorded", as_recorded, METH_O,
      "Whether every output kept without a copy is still at the version it had when recorded."},
     {"take_grads", (PyCFunction)(void (*)(void))take_grads, METH_FASTCALL,
-     "The gradients kept for these outputs, dropped from them, if all arrived and no output changed; else None."},
+     "The gradients handed these outputs, taken from their cells, if each came once and no output changed; else None."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 10
+#define KERNEL_VERSION 11
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
     s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
     s_dtype = PyUnicode_InternFromString("dtype");
-    s_grad = PyUnicode_InternFromString("grad");
-    if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL || s_grad == NULL)
-        return NULL;
+    if (s_nbytes == NULL || s_is_contiguous == NULL || s_data_ptr == NULL || s_dtype == NULL) return NULL;
     const char *names[] = {"_specs", "_matched", "_template", "_producers", "shape", "numel", "protected",
                            "copy", "name", "_entries", "_version", "_outs", "_unprotected", "requires_grad",
-                           "retain_grad", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",
+                           "_grad_cells", "_grad_outs", "_grad_at", "_grad_versions", "_pending", "_flush",
                            "_replayed_batchnorm", "training", "_bn_batches", "_bias_before_norm", "_parameters",
                            "bias", "is_floating_point", "_output_shape", "_output_name", "_output_params", "trace_all",
-                           "_cache", "_root_post"};
+                           "_cache", "_root_post", "append", "_backward_hooks", "grad_fn", "nnvitals",
+                           "_register_hook_dict", "register_hook"};
     PyObject **slots[] = {&s_specs, &s_matched, &s_template, &s_producers, &s_shape, &s_numel,
                           &s_protected, &s_copy, &s_name, &s_entries, &s_version, &s_outs, &s_unprotected,
-                          &s_requires_grad, &s_retain_grad, &s_grad_outs, &s_grad_at, &s_grad_versions, &s_pending,
+                          &s_requires_grad, &s_grad_cells, &s_grad_outs, &s_grad_at, &s_grad_versions, &s_pending,
                           &s_flush, &s_batchnorm, &s_training, &s_bn_batches, &s_bias_before_norm, &s_parameters,
                           &s_bias, &s_is_floating_point, &s_output_shape, &s_output_name, &s_output_params,
-                          &s_trace_all, &s_cache, &s_root_post};
+                          &s_trace_all, &s_cache, &s_root_post, &s_append, &s_backward_hooks, &s_grad_fn,
+                          &s_nnvitals, &s_register_hook_dict, &s_register_hook};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
     if (PyType_Ready(&replay_type) < 0) return NULL;

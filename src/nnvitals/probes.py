@@ -18,6 +18,7 @@ somebody asks (`RawPass.stats()`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import operator
@@ -38,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 10  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 11  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -549,18 +550,30 @@ def _as_recorded(rows: list[tuple[int, torch.Tensor, int, bool]]) -> bool:
     return all(not copied and out._version == version for _, out, version, copied in rows)
 
 
-def _take_grads(outs: list[torch.Tensor], versions: list[int]) -> list[torch.Tensor | None] | None:
-    """The gradients retain_grad kept for these outputs, dropped from them, when all arrived and no output has
-    changed since it was recorded; else None, nothing dropped (by the kernel where it is built)."""
+def _grad_cell(out: torch.Tensor) -> list[torch.Tensor]:
+    """A list autograd will append the output's gradient to, as the output's grad_fn receives it (retain_grad
+    would keep a copy): a hook registered the way Tensor.register_hook does, without making its handle (the
+    kernel's Replay does the same)."""
+    cell: list[torch.Tensor] = []
+    if type(out) is torch.Tensor and out._backward_hooks is None and out.grad_fn is not None:
+        # (ordered, with a key no handle has: register_hook may add to it later)
+        out._backward_hooks = collections.OrderedDict(nnvitals=cell.append)
+        out.grad_fn._register_hook_dict(out)
+    else:
+        out.register_hook(cell.append)
+    return cell
+
+
+def _take_grads(cells: list[list[torch.Tensor]], outs: list[torch.Tensor], versions: list[int]
+                ) -> list[torch.Tensor | None] | None:
+    """The gradients autograd handed these outputs, each taken from its cell (emptied), when each came once and no
+    output has changed since it was recorded; else None, nothing taken (by the kernel where it is built)."""
     take = getattr(_kernel, "take_grads", None)
     if take is not None:
-        return take(outs, versions)
-    grads = list(map(_GRAD, outs))
-    if not all(map(operator.is_not, grads, repeat(None))) or list(map(_VERSION, outs)) != versions:
+        return take(cells, outs, versions)
+    if any(len(cell) != 1 for cell in cells) or list(map(_VERSION, outs)) != versions:
         return None
-    for t in outs:
-        t.grad = None
-    return grads
+    return [cell.pop() for cell in cells]
 
 
 def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:
@@ -818,7 +831,7 @@ class Recorder:
         if replay is None or pushed:
             return after, before if pushed else None, False
         return replay(self, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, after,
-                      _LINEAR, self.model), None, True
+                      _LINEAR, self.model, collections.OrderedDict), None, True
 
     def detach(self) -> None:
         for h in self._handles:
@@ -844,9 +857,10 @@ class Recorder:
         self._partials: list[torch.Tensor] = []  # reduced chunks, kept on the device until collect
         self._chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]] = []  # reduced outputs: specs, plan
         self._maps: list[tuple[str, torch.Tensor | MapCells]] = []  # layer name -> saturation-map cells
-        # outputs whose gradient autograd keeps for us (retain_grad) or, for large ones, a hook reduces as it
-        # arrives (into _grad_blocks); beside them their spec indices and their versions then
+        # outputs whose gradient a hook keeps for us (in its cell, see _grad_cell) or, for large ones, reduces as
+        # it arrives (into _grad_blocks); beside them their cells, spec indices and their versions then
         self._grad_outs: list[torch.Tensor] = []
+        self._grad_cells: list[list[torch.Tensor]] = []
         self._grad_at: list[int] = []
         self._grad_versions: list[int] = []
         self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
@@ -1046,11 +1060,12 @@ class Recorder:
             self._outs.append(out.detach().clone() if spec.copy else out)
         self._producers[id(out)] = (out, spec.name, module, index)
         if out.requires_grad:
-            if numel >= STACK_LIMIT:  # reduced as it arrives: retain_grad would keep a copy of it
+            if numel >= STACK_LIMIT:  # reduced as it arrives, not kept
                 self._grad_hooked = True
                 out.register_hook(self._grad_reducer(index))
-            else:  # retain_grad costs one C++ call, a Python hook several times more
-                out.retain_grad()
+                self._grad_cells.append([])
+            else:
+                self._grad_cells.append(_grad_cell(out))
             self._grad_outs.append(out)
             self._grad_at.append(index)
             self._grad_versions.append(version)
@@ -1271,20 +1286,21 @@ class Recorder:
         `before`: a `snapshot_params()` taken before the optimizer step. `snapshot`: then take the next one
         (`self.snapshot`), on the CPU in the same kernel call."""
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
-        # gradient of something else); it is then dropped from the tensor, which the user never asked for.
+        # gradient of something else).
         outs = self._grad_outs
-        taken = None if self._grad_hooked else _take_grads(outs, self._grad_versions)
+        taken = None if self._grad_hooked else _take_grads(self._grad_cells, outs, self._grad_versions)
         grad_list: list[torch.Tensor | None]
         ready_list: list[torch.Tensor | None]
         if taken is not None:  # the usual case, without a Python loop
             grad_index, grad_list, ready_list = self._grad_at, taken, []
         else:
             grad_index, grad_list, ready_list = [], [], []
-            for i, t, version in zip(self._grad_at, outs, self._grad_versions, strict=True):
+            for i, t, version, cell in zip(self._grad_at, outs, self._grad_versions, self._grad_cells, strict=True):
                 unchanged = t._version == version
-                if t.retains_grad:
-                    g, t.grad = t.grad, None
-                    if g is not None and unchanged:
+                if cell:  # (more than one: backward ran more than once through it; autograd would add them up)
+                    g = sum(cell[1:], cell[0])
+                    cell.clear()
+                    if unchanged:
                         grad_index.append(i)
                         grad_list.append(g)
                         ready_list.append(None)

@@ -156,6 +156,46 @@ def test_statistics_match_torch_on_the_same_pass(stack_limit, monkeypatch):
             assert p.grad_std == pytest.approx(param.grad.std().item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_a_gradient_that_came_twice_is_their_sum_and_outputs_keep_no_grad(kernel, monkeypatch):
+    """Backward run twice through a recorded pass (retain_graph): each layer's gradient is the sum of the two, as
+    autograd adds them up, with the Replay in C or in Python; hooks the user adds to an output afterwards still
+    run; and no output is left with a `.grad` it did not have."""
+    if kernel and probes._kernel is None:
+        pytest.skip("the compiled kernel is not built")
+    monkeypatch.setattr(probes, "_kernel", probes._kernel if kernel else None)
+    model, x, y = M.healthy_deep_tanh()
+    rec = probes.Recorder(model)
+    outputs: dict[str, torch.Tensor] = {}
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            outputs[name] = out
+            out.register_hook(lambda g: seen.setdefault(name, []).append(g.detach().clone()))
+        return hook
+
+    for name, module in model.named_modules():
+        if name and not isinstance(module, nn.Flatten):
+            module.register_forward_hook(keep(name))
+    for twice in (False, True, False, True):  # (the second pass replays the first's records)
+        seen.clear()
+        rec.attach()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(retain_graph=twice)
+        if twice:
+            loss.backward()
+        stats = rec.collect().stats()
+        rec.detach()
+        model.zero_grad()
+        assert stats.layers
+        for lay in stats.layers:
+            want = sum(seen[lay.name])
+            assert len(seen[lay.name]) == (2 if twice else 1)
+            assert lay.grad_std == pytest.approx(want.std().item(), rel=1e-3), (twice, lay.name)
+        assert all(out.grad is None and not out.retains_grad for out in outputs.values())
+
+
 def test_update_ratio_is_the_measured_update():
     model, x, y = M.healthy_deep_tanh()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
