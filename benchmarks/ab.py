@@ -4,9 +4,9 @@ On a shared, noisy machine two benchmark runs minutes apart differ by more than 
 three training runs of the lesson's deep network (benchmarks/overhead.py) go on side by side in one
 process: plain, `Monitor` from REV and `Monitor` from the working tree, one step each in turn, in an order
 shuffled every step (whichever came right after the plain step was measured 40-60 us faster). REV's
-package is extracted with `git archive` into a temporary folder and imported as `nnvitals_ab`. Both
-Monitors' process-wide hooks see every model's modules, so the plain run pays a little too: compare the
-two Monitors with each other, not with overhead.py's ratios.
+package is extracted with `git archive` into a temporary folder and imported as `nnvitals_ab`. A Monitor
+armed for its next sampled step is paused while the other runs take their steps (its process-wide hooks
+would run on their modules too), untimed, as in overhead.py.
 
     .venv/bin/python benchmarks/ab.py REV [--every 1] [--steps 3000]
 """
