@@ -69,7 +69,10 @@ class Trainer:
         self.g = torch.Generator().manual_seed(2)
         self.monitor = nnvitals.Monitor(self.model, every=every).__enter__() if every else None
         self.every = every or 1
-        self.paused = False
+        self.paused = False  # (armed for its first step already: paused until this run's first round)
+        if self.monitor is not None:
+            self.monitor.pause()
+            self.paused = True
         self.step_times: list[float] = []  # every step's seconds, from the first step on
 
     def __call__(self, steps: int) -> float:

@@ -4,6 +4,7 @@ ab.py compares two revisions in one process; the typical-step figure the benchma
 import argparse
 import importlib.machinery
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,24 @@ def test_forward_hooks_times_the_four_ways_a_forward_pass_can_be_watched():
     assert list(rows) == ["plain", "hook that does nothing", "minimal hook", "nnvitals"]
     assert rows["plain"][2:] == ["(+0,", "+0)"]
     assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
+
+
+def test_overhead_rounds_leave_no_monitor_hooks_on_the_other_configurations():
+    """An armed Monitor's hooks are process-wide: overhead.py pauses it between its rounds, so the other
+    configurations' steps run without them, and it still samples every 10th step with its updates measured."""
+    from torch.nn.modules import module as torch_module
+
+    spec = importlib.util.spec_from_file_location("overhead", SCRIPT.parent / "overhead.py")
+    assert spec is not None and spec.loader is not None
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    plain, every_step, every_10th = overhead.Trainer(), overhead.Trainer(every=1), overhead.Trainer(every=10)
+    for _ in range(3):
+        for trainer in (every_step, every_10th, plain):
+            trainer(19)  # (ends on a step before a sampled one: armed, then paused)
+            assert not torch_module._global_forward_hooks
+    history = every_10th.monitor.history
+    assert [row["step"] for row in history] == [0, 10, 20, 30, 40, 50]
+    assert all(math.isfinite(ratio) for row in history[1:] for ratio in
+               (p["update_ratio"] for p in row["params"].values() if p["update_ratio"] is not None))
+    assert len(every_step.monitor.history) == 57
