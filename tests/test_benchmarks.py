@@ -147,3 +147,16 @@ def test_overhead_rounds_leave_no_monitor_hooks_on_the_other_configurations():
     assert all(math.isfinite(ratio) for row in history[1:] for ratio in
                (p["update_ratio"] for p in row["params"].values() if p["update_ratio"] is not None))
     assert len(every_step.monitor.history) == 57
+
+
+def test_peers_rounds_leave_no_monitor_hooks_on_the_other_watchers():
+    from torch.nn.modules import module as torch_module
+
+    peers = peers_module()
+    clock = peers.Clock("cpu")
+    runs = [peers.Run("mlp", watcher, every, "cpu", clock) for _, watcher, every in peers.configurations(True, [1, 10])]
+    for _ in range(2):
+        for run in runs:
+            run(19)
+            assert not torch_module._global_forward_hooks
+    assert [row["step"] for row in runs[2].watcher.monitor.history] == [0, 10, 20, 30]
