@@ -12,6 +12,10 @@ waiting, not measurement.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 300] [--threads 1]
 
+With `--foreign-hooks`, it only times a plain step alone and with three other runs' Monitors armed: the
+cost their process-wide hooks put on a model they do not watch (why each run's Monitor is paused, untimed,
+while the others take their steps).
+
 With `--torch-ops`, Monitor rows with nnvitals' compiled CPU kernel switched off are added: the statistics
 computed with torch ops, as on a GPU or an install without a C compiler.
 
@@ -80,7 +84,7 @@ class Trainer:
         # A Monitor's hooks are process-wide: armed for the next sampled step, they would also run on every module
         # call of the configurations timed in between (measured: three armed Monitors cost a plain step 6.6%).
         # Paused between this one's rounds (untimed, and only when armed), they do not.
-        if self.paused:
+        if self.paused and self.monitor is not None:
             self.monitor.resume()
             self.paused = False
         start = time.process_time()
@@ -172,6 +176,27 @@ def measure(configs: Mapping[str, Callable[[], float]], rounds: int) -> dict[str
     return result
 
 
+def foreign_hooks(steps: int) -> tuple[float, float]:
+    """A plain step's median time alone and with three other runs' Monitors (every step, every 10th, every 100th)
+    armed for their next sampled step: what their process-wide hooks cost a model they do not watch. Each step
+    picks one of the two at random; the Monitors are paused or resumed in between, untimed."""
+    plain, others = Trainer(), [Trainer(every=k) for k in (1, 10, 100)]
+    for other in others:
+        other(100)  # (the step before a sampled one for each: armed, then paused)
+    monitors = [other.monitor for other in others if other.monitor is not None]
+    pick = random.Random(0).choice
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(steps):
+        armed = pick((False, True))
+        for monitor in monitors:
+            monitor.resume() if armed else monitor.pause()
+        plain(1)
+        times[armed].append(plain.step_times[-1])
+    skip = len(plain.step_times) // 10
+    alone, under = (statistics.median(times[armed][skip // 2:]) for armed in (False, True))
+    return alone, under
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -179,9 +204,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cockpit", action="store_true", help="time Cockpit economy (needs cockpit-for-pytorch)")
     ap.add_argument("--torch-ops", action="store_true", help="add Monitor rows without the compiled CPU kernel")
+    ap.add_argument("--foreign-hooks", action="store_true",
+                    help="only time a plain step alone and with three other runs' Monitors armed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.foreign_hooks:
+        alone, under = foreign_hooks(max(args.steps, 1000))
+        print(f"plain step {alone * 1e6:.0f} us alone, {under * 1e6:.0f} us with three Monitors of other runs armed: "
+              f"+{(under - alone) * 1e6:.0f} us ({(under / alone - 1) * 100:.1f}%)")
+        return
     n = args.steps
     if args.cockpit:
         trainers: dict[str, Trainer | CockpitTrainer] = {

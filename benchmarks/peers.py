@@ -12,9 +12,11 @@ The networks: (a) the lesson's deep MLP from benchmarks/overhead.py (BatchNorm1d
 64, 65 characters, batch 32, AdamW); and (c) DDP on 2 CPU processes (gloo) with the deep MLP, 32 examples
 per process: plain DDP against DDP with a Monitor.
 
-Configurations are interleaved round by round; each training run goes on across the rounds (an untimed
-first round takes the one-time costs); the figure quoted is the median of per-round ratios to the plain
-run of the same round. On the CPU a step is timed as process CPU time on one thread (a busy neighbour
+Configurations are interleaved round by round, in an order shuffled every round; each training run goes on
+across the rounds (an untimed first round takes the one-time costs); the figure quoted is the median of
+per-round ratios to the plain run of the same round. nnvitals' Monitor is paused (untimed) while the others
+take their steps (its process-wide hooks would watch their modules too), TensorBoard's writer flushed (timed)
+at the end of its round. On the CPU a step is timed as process CPU time on one thread (a busy neighbour
 costs waiting, not measurement); under DDP as wall time (waiting for the other process is the cost), each
 rank timing itself and rank 0 reporting. With --device cuda, steps are timed with CUDA events after a
 synchronize (DDP then uses nccl and needs two GPUs).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -128,6 +131,10 @@ class Watcher:
     def between_rounds(self, paused: bool) -> None:
         """Called, untimed, as this run's round ends (True) and before its next one begins (False)."""
 
+    def end_of_round(self) -> None:
+        """Called, timed, after a round's last step: work of this watcher's still under way ends here, not in
+        another run's round."""
+
 
 class NNVitals(Watcher):
     def __init__(self, model: nn.Module, every: int):
@@ -159,6 +166,9 @@ class TensorBoardHistograms(Watcher):
         super().__init__(model, every)
         self.folder = tempfile.TemporaryDirectory(prefix="peers-tb-")
         self.writer = SummaryWriter(self.folder.name)
+
+    def end_of_round(self) -> None:
+        self.writer.flush()  # (its thread writes the events to the file)
 
     def after_backward(self, step: int) -> None:
         if step % self.every:
@@ -254,6 +264,7 @@ class Run:
                 self.step += 1
                 if per_step:
                     self.step_times.append(now() - t0)
+            self.watcher.end_of_round()
 
         self.watcher.between_rounds(False)
         seconds = self.clock(run)
@@ -277,8 +288,11 @@ def interleaved(runs: dict[str, Run], steps: int, rounds: int) -> dict[str, dict
         run(steps)
         run.step_times.clear()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, run in runs.items():
+        shuffle(order)  # (a run's first steps go on caches the one before left: no run always after the same one)
+        for name, run in order:
             times[name].append(run(steps))
     plain = times["plain"]
     result: dict[str, dict[str, Any]] = {

@@ -864,7 +864,7 @@ class Recorder:
         self._grad_at: list[int] = []
         self._grad_versions: list[int] = []
         self._grad_blocks: dict[int, torch.Tensor] = {}  # spec index -> large gradient, reduced as it came
-        self._grad_hooked = False  # whether some gradient is reduced as it comes (so not retained)
+        self._grad_hooked = False  # whether some gradient is reduced as it comes (its cell stays empty)
         # id of a recorded output (or, with trace_all, any module's) -> (the output, its name, its module,
         # its place among this pass's records or -1)
         self._producers: dict[int, tuple[torch.Tensor, str, nn.Module | None, int]] = {}
