@@ -12,6 +12,10 @@ waiting, not measurement.
 
     .venv/bin/python benchmarks/overhead.py [--rounds 7] [--steps 300] [--threads 1]
 
+With `--cycle`, it only shows where `Monitor(every=10)`'s time goes in a warm loop: a plain run and a watched
+one, rounds in turn, each step's forward, backward, optimizer step and `mon.step()` timed; per position of the
+sampling cycle the median of each part over the plain run's.
+
 With `--foreign-hooks`, it only times a plain step alone and with three other runs' Monitors armed: the
 cost their process-wide hooks put on a model they do not watch (why each run's Monitor is paused, untimed,
 while the others take their steps).
@@ -78,6 +82,7 @@ class Trainer:
             self.monitor.pause()
             self.paused = True
         self.step_times: list[float] = []  # every step's seconds, from the first step on
+        self.phases: list[tuple[float, float, float, float]] | None = None  # (--cycle) forward, backward, opt, mon
 
     def __call__(self, steps: int) -> float:
         self.probes._kernel = self.kernel  # this configuration's way of reducing (restored by the next one)
@@ -88,16 +93,23 @@ class Trainer:
             self.monitor.resume()
             self.paused = False
         start = time.process_time()
+        clock, phases = time.process_time, self.phases
         for _ in range(steps):
-            t0 = time.process_time()
+            t0 = clock()
             ix = torch.randint(0, len(self.X), (BATCH,), generator=self.g)
             loss = nn.functional.cross_entropy(self.model(self.X[ix]), self.Y[ix])
+            t1 = clock() if phases is not None else 0.0
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            t2 = clock() if phases is not None else 0.0
             self.opt.step()
+            t3 = clock() if phases is not None else 0.0
             if self.monitor is not None:
                 self.monitor.step(loss)
-            self.step_times.append(time.process_time() - t0)
+            t4 = clock()
+            self.step_times.append(t4 - t0)
+            if phases is not None:
+                phases.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         seconds = time.process_time() - start
         if self.monitor is not None and self.monitor._recorder.attached:
             self.monitor.pause()
@@ -197,6 +209,28 @@ def foreign_hooks(steps: int) -> tuple[float, float]:
     return alone, under
 
 
+def cycle(rounds: int, steps: int, every: int = 10) -> tuple[float, list[list[float]]]:
+    """Where a Monitor's time goes in a warm training loop: a plain run and a Monitor(every) run, rounds of
+    `steps` in turn (order shuffled), each step's forward, backward, optimizer step and `mon.step()` timed; per
+    position of the sampling cycle (0: the sampled step), the median of each part minus the plain run's, µs; and
+    the plain run's median step, µs."""
+    plain, watched = Trainer(), Trainer(every=every)
+    for run in (plain, watched):
+        run(steps)  # untimed: the one-time costs
+        run.phases = []
+    order = [plain, watched]
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for run in order:
+            run(steps)
+    assert plain.phases is not None and watched.phases is not None
+    base = [statistics.median(p[i] for p in plain.phases) for i in range(4)]
+    return 1e6 * statistics.median(plain.step_times[steps:]), [
+        [1e6 * (statistics.median(p[i] for p in watched.phases[k::every]) - base[i]) for i in range(4)]
+        for k in range(every)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -204,11 +238,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cockpit", action="store_true", help="time Cockpit economy (needs cockpit-for-pytorch)")
     ap.add_argument("--torch-ops", action="store_true", help="add Monitor rows without the compiled CPU kernel")
+    ap.add_argument("--cycle", action="store_true",
+                    help="only show where Monitor(every=10)'s time goes in the loop, position by position")
     ap.add_argument("--foreign-hooks", action="store_true",
                     help="only time a plain step alone and with three other runs' Monitors armed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cycle:
+        plain, parts = cycle(args.rounds, args.steps)
+        print(f"Monitor(every=10) over a plain step, {args.rounds} rounds of {args.steps} steps each, medians in µs")
+        print(f"{'position':28s} {'forward':>8s} {'backward':>9s} {'optimizer':>10s} {'mon.step':>9s} {'all':>7s}")
+        for k, (f, b, o, m) in enumerate(parts):
+            label = {0: "0 (the sampled step)", 1: "1 (the step after)", 9: "9 (the step before)"}.get(k, str(k))
+            print(f"{label:28s} {f:+8.0f} {b:+9.0f} {o:+10.0f} {m:+9.0f} {f + b + o + m:+7.0f}")
+        steps = [sum(part) for part in parts]
+        total = sum(steps)
+        print(f"{'the cycle':28s} {'':8s} {'':9s} {'':10s} {'':9s} {total:+7.0f}")
+        # Two runs of the same loop differ by a steady few percent here (where their memory happens to lie): the
+        # watched run's middle positions, where mon.step() only counts, are its own level for a plain step.
+        own = statistics.median(steps[3:-2])
+        print(f"plain step {plain:.0f} µs: the cycle adds {total / 10 / plain * 100:.1f}% a step; over the watched "
+              f"run's own middle steps ({own:+.0f} µs) {(total - 10 * own) / 10 / plain * 100:.1f}%")
+        return
     if args.foreign_hooks:
         alone, under = foreign_hooks(max(args.steps, 1000))
         print(f"plain step {alone * 1e6:.0f} us alone, {under * 1e6:.0f} us with three Monitors of other runs armed: "
