@@ -115,15 +115,15 @@ def test_ab_builds_the_kernel_of_a_revision_whose_c_source_differs(tmp_path):
     assert f"#define KERNEL_VERSION {kernel.VERSION}\n" in source
 
 
-def test_forward_hooks_times_the_four_ways_a_forward_pass_can_be_watched():
+def test_forward_hooks_times_the_five_ways_a_forward_pass_can_be_watched():
     script = Path(AB).parent / "forward_hooks.py"
-    done = subprocess.run([sys.executable, str(script), "--passes", "400"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), "--passes", "500"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("100 passes each, warm")
     rows = {line[:24].strip(): line[24:].split() for line in lines[2:]}
-    assert list(rows) == ["plain", "hook that does nothing", "minimal hook", "nnvitals"]
+    assert list(rows) == ["plain", "hook that does nothing", "minimal hook", "minimal, gradient hook", "nnvitals"]
     assert rows["plain"][2:] == ["(+0,", "+0)"]
     assert all(float(cells[0]) > 0 and float(cells[1]) > 0 for cells in rows.values())
 
