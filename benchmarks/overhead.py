@@ -36,6 +36,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +62,27 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, VOCAB, (4096, CONTEXT), generator=g), torch.randint(0, VOCAB, (4096,), generator=g)
 
 
+class OwnRounds:
+    """A Monitor that takes its steps only in its own rounds. Its hooks are process-wide: armed for its next
+    sampled step, they would also run on every module call of the runs timed in between (three armed Monitors
+    cost a plain step 8-9%: `--foreign-hooks`). Paused between its rounds (untimed, and only when armed), they do
+    not; `pause()` keeps the weights' copy for the next update."""
+
+    def __init__(self, monitor: Any):
+        self.monitor, self.paused = monitor, False
+        self.end()  # (armed for its first step already)
+
+    def begin(self) -> None:
+        if self.paused:
+            self.monitor.resume()
+            self.paused = False
+
+    def end(self) -> None:
+        if self.monitor._recorder.attached:
+            self.monitor.pause()
+            self.paused = True
+
+
 class Trainer:
     """One training run that goes on across rounds, so one-time costs (first sampled step, caches) fall
     into the warm-up round and each timed round is the steady state."""
@@ -77,21 +99,14 @@ class Trainer:
         self.g = torch.Generator().manual_seed(2)
         self.monitor = nnvitals.Monitor(self.model, every=every).__enter__() if every else None
         self.every = every or 1
-        self.paused = False  # (armed for its first step already: paused until this run's first round)
-        if self.monitor is not None:
-            self.monitor.pause()
-            self.paused = True
+        self.rounds = OwnRounds(self.monitor) if self.monitor is not None else None
         self.step_times: list[float] = []  # every step's seconds, from the first step on
         self.phases: list[tuple[float, float, float, float]] | None = None  # (--cycle) forward, backward, opt, mon
 
     def __call__(self, steps: int) -> float:
         self.probes._kernel = self.kernel  # this configuration's way of reducing (restored by the next one)
-        # A Monitor's hooks are process-wide: armed for the next sampled step, they would also run on every module
-        # call of the configurations timed in between (measured: three armed Monitors cost a plain step 6.6%).
-        # Paused between this one's rounds (untimed, and only when armed), they do not.
-        if self.paused and self.monitor is not None:
-            self.monitor.resume()
-            self.paused = False
+        if self.rounds is not None:
+            self.rounds.begin()
         start = time.process_time()
         clock, phases = time.process_time, self.phases
         for _ in range(steps):
@@ -111,9 +126,8 @@ class Trainer:
             if phases is not None:
                 phases.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
         seconds = time.process_time() - start
-        if self.monitor is not None and self.monitor._recorder.attached:
-            self.monitor.pause()
-            self.paused = True
+        if self.rounds is not None:
+            self.rounds.end()
         return seconds / steps
 
 
@@ -195,13 +209,13 @@ def foreign_hooks(steps: int) -> tuple[float, float]:
     plain, others = Trainer(), [Trainer(every=k) for k in (1, 10, 100)]
     for other in others:
         other(100)  # (the step before a sampled one for each: armed, then paused)
-    monitors = [other.monitor for other in others if other.monitor is not None]
+    held = [other.rounds for other in others if other.rounds is not None]
     pick = random.Random(0).choice
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(steps):
         armed = pick((False, True))
-        for monitor in monitors:
-            monitor.resume() if armed else monitor.pause()
+        for rounds in held:
+            rounds.begin() if armed else rounds.end()
         plain(1)
         times[armed].append(plain.step_times[-1])
     skip = len(plain.step_times) // 10

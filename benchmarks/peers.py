@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import BATCH, EMBED, VOCAB, data, deep_net, typical_step  # noqa: E402
+from overhead import BATCH, EMBED, VOCAB, OwnRounds, data, deep_net, typical_step  # noqa: E402
 
 LM_VOCAB, LM_CONTEXT, LM_WIDTH, LM_LAYERS, LM_HEADS, LM_BATCH = 65, 64, 128, 4, 4, 32
 HIST_BINS = 64
@@ -142,21 +142,13 @@ class NNVitals(Watcher):
 
         super().__init__(model, every)
         self.monitor = nnvitals.Monitor(model, every=every).__enter__()
-        self.paused = False
-        self.between_rounds(True)  # (armed for its first step already)
+        self.rounds = OwnRounds(self.monitor)
 
     def after_step(self, step: int, loss: torch.Tensor) -> None:
         self.monitor.step(loss)
 
     def between_rounds(self, paused: bool) -> None:
-        # Its hooks are process-wide: armed for the next sampled step, they would run on every module call of the
-        # runs timed in between (three armed Monitors cost overhead.py's plain step 6.5%). Paused, they do not.
-        if paused and self.monitor._recorder.attached:
-            self.monitor.pause()
-            self.paused = True
-        elif not paused and self.paused:
-            self.monitor.resume()
-            self.paused = False
+        self.rounds.end() if paused else self.rounds.begin()
 
 
 class TensorBoardHistograms(Watcher):
