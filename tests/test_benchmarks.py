@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.modules import module as torch_module
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "peers.py"
 
 
-def peers_module():
-    spec = importlib.util.spec_from_file_location("peers", SCRIPT)
+def benchmark_module(name: str = "peers"):
+    """A script under benchmarks/ (peers.py by default) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -31,7 +33,7 @@ def peers_module():
 ])
 def test_arguments_refused(args, says, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["peers.py", *args])
-    assert peers_module().main() == 2
+    assert benchmark_module().main() == 2
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {says}") and out == ""
 
@@ -42,7 +44,7 @@ def test_refused_from_the_command_line():
 
 
 def test_ddp_on_cuda_needs_two_gpus(monkeypatch):
-    peers = peers_module()
+    peers = benchmark_module()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     args = argparse.Namespace(rounds=1, models=["ddp"], mlp_steps=300, lm_steps=20, device="cuda")
     assert "needs two GPUs, this machine has 1" in peers.refusal(args)
@@ -51,7 +53,7 @@ def test_ddp_on_cuda_needs_two_gpus(monkeypatch):
 
 
 def test_mlp_starts_from_the_same_weights_every_time():
-    peers = peers_module()
+    peers = benchmark_module()
     first, _, _ = peers.mlp_task("cpu")
     torch.randn(100)  # whatever ran in between
     second, _, _ = peers.mlp_task("cpu")
@@ -62,7 +64,7 @@ def test_mlp_starts_from_the_same_weights_every_time():
 def test_typical_step_spreads_the_sampled_step_over_the_cycle_and_ignores_a_burst():
     """The typical-step figure: one sampled step of 12 ms in each cycle of ten 2 ms steps costs 1 ms a step
     on top; a neighbour's 40 ms burst on one step moves the mean of the steps but not the typical figure."""
-    typical_step = peers_module().typical_step
+    typical_step = benchmark_module().typical_step
     times = [0.012 if i % 10 == 0 else 0.002 for i in range(100)]
     assert typical_step(times, 10) == pytest.approx(0.003)
     assert typical_step(times, 1) == pytest.approx(0.002)  # the plain figure: the median step
@@ -131,12 +133,7 @@ def test_forward_hooks_times_the_five_ways_a_forward_pass_can_be_watched():
 def test_overhead_rounds_leave_no_monitor_hooks_on_the_other_configurations():
     """An armed Monitor's hooks are process-wide: overhead.py pauses it between its rounds, so the other
     configurations' steps run without them, and it still samples every 10th step with its updates measured."""
-    from torch.nn.modules import module as torch_module
-
-    spec = importlib.util.spec_from_file_location("overhead", SCRIPT.parent / "overhead.py")
-    assert spec is not None and spec.loader is not None
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    overhead = benchmark_module("overhead")
     plain, every_step, every_10th = overhead.Trainer(), overhead.Trainer(every=1), overhead.Trainer(every=10)
     for _ in range(3):
         for trainer in (every_step, every_10th, plain):
@@ -150,9 +147,7 @@ def test_overhead_rounds_leave_no_monitor_hooks_on_the_other_configurations():
 
 
 def test_peers_rounds_leave_no_monitor_hooks_on_the_other_watchers():
-    from torch.nn.modules import module as torch_module
-
-    peers = peers_module()
+    peers = benchmark_module()
     clock = peers.Clock("cpu")
     runs = [peers.Run("mlp", watcher, every, "cpu", clock) for _, watcher, every in peers.configurations(True, [1, 10])]
     for _ in range(2):
