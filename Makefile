@@ -9,12 +9,20 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml src/nnvitals/_kernel.c | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+# The compiled parts (setup.py) are built against the torch of .venv itself, installed first: without build
+# isolation, no second copy of torch is installed for the build.
+BUILT := pyproject.toml setup.py src/nnvitals/_kernel.c src/nnvitals/_autograd.cpp src/nnvitals/_autograd.h
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+BUILD_NEEDS := "setuptools>=74" torch==2.13.0
+
+$(VENV)/.installed: $(BUILT) | $(BIN)/python
+	$(PIP) $(BUILD_NEEDS)
+	$(PIP) --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml src/nnvitals/_kernel.c | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+$(VENV)/.installed-test: $(BUILT) | $(BIN)/python
+	$(PIP) $(BUILD_NEEDS)
+	$(PIP) --no-build-isolation -e '.[test]'
 	touch $(VENV)/.installed $@
 
 # The main job: the makemore part 3 lab, quick profile, on the lesson's data when it is available

@@ -14,6 +14,7 @@ would run on their modules too), untimed, as in overhead.py.
 from __future__ import annotations
 
 import argparse
+import ast
 import random
 import re
 import shutil
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import tomllib
 from pathlib import Path
 
 import torch
@@ -52,11 +52,14 @@ def extract(rev: str, into: Path) -> str:
         for built in here.glob("_kernel*.so"):  # the same C source: this checkout's build serves both
             shutil.copy(built, package / built.name)
         return "compiled kernel"
-    # another C source: built here as the package build does it (the flags of pyproject.toml)
-    flags = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["ext-modules"][0]
+    # another C source: built here as the package build does it (setup.py's flags); a kernel that borrows from
+    # nnvitals._autograd borrows this checkout's
+    flags = re.search(r"^KERNEL_FLAGS = (\[.*?\])", (ROOT / "setup.py").read_text(), re.M)
+    assert flags is not None, "setup.py names the kernel's flags in KERNEL_FLAGS"
     target = package / f"_kernel{sysconfig.get_config_var('EXT_SUFFIX')}"
-    subprocess.run([sysconfig.get_config_var("CC").split()[0], *flags["extra-compile-args"], "-shared", "-fPIC",
-                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)], check=True)
+    subprocess.run([sysconfig.get_config_var("CC").split()[0], *ast.literal_eval(flags.group(1)), "-shared", "-fPIC",
+                    f"-I{sysconfig.get_paths()['include']}", f"-I{package}", str(source), "-o", str(target)],
+                   check=True)
     return "its own compiled kernel"
 
 

@@ -17,6 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_autograd.h"
+
+/* nnvitals._autograd's functions, where it was built (see _autograd.h); `torch_api`: those in use (NULL: torch's
+ * Python API instead; see borrow) */
+static const nnvitals_autograd_api *lent, *torch_api;
+
 enum {
     MOMENTS = 0, TANH = 1, SIGMOID = 2, RELU = 3, GRAD = 4,
     COPY = 5,       /* the values themselves, to y */
@@ -372,6 +378,7 @@ static PyObject *s_nbytes, *s_is_contiguous, *s_data_ptr, *s_dtype; /* interned 
  * the kernel); -1 where it does not (the caller converts it); -2 with an exception set. */
 static int64_t address(PyObject *t, int64_t numel, PyObject *float32) {
     if (t == Py_None) return 0;
+    if (torch_api != NULL) return torch_api->address(t, numel);
     PyObject *v = PyObject_GetAttr(t, s_dtype);
     if (v == NULL) return -2;
     Py_DECREF(v); /* (torch's dtypes are singletons: compared by identity) */
@@ -476,6 +483,15 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
  * of the output, registered with its grad_fn as Tensor.register_hook does (without a handle); register_hook itself
  * where the output already has hooks. A new reference, or NULL with an exception set. */
 static PyObject *grad_cell(replay_t *self, PyObject *out) {
+    if (torch_api != NULL) { /* (by a C++ hook where it can) */
+        PyObject *cell = PyList_New(0);
+        const int kept = cell != NULL ? torch_api->keep_grad(out, cell) : -1;
+        if (kept != 0) {
+            if (kept < 0) Py_CLEAR(cell);
+            return cell;
+        }
+        Py_DECREF(cell);
+    }
     PyObject *cell = PyList_New(0), *append = cell != NULL ? PyObject_GetAttr(cell, s_append) : NULL;
     PyObject *hooks = append != NULL ? GET(out, s_backward_hooks) : NULL;
     PyObject *grad_fn = hooks != NULL ? GET(out, s_grad_fn) : NULL, *r = NULL;
@@ -867,7 +883,19 @@ static PyObject *as_recorded(PyObject *self, PyObject *rows) {
     Py_RETURN_TRUE;
 }
 
+/* borrow(flag): use nnvitals._autograd's functions (True, the default where it was built) or torch's Python API
+ * (False, what tests and benchmarks compare with); returns whether they were lent. */
+static PyObject *borrow(PyObject *self, PyObject *flag) {
+    (void)self;
+    const int on = PyObject_IsTrue(flag);
+    if (on < 0) return NULL;
+    torch_api = on ? lent : NULL;
+    return PyBool_FromLong(lent != NULL);
+}
+
 static PyMethodDef methods[] = {
+    {"borrow", borrow, METH_O,
+     "borrow(flag): take tensor addresses and gradient hooks from nnvitals._autograd (True) or torch's Python API."},
     {"reduce", (PyCFunction)(void (*)(void))reduce, METH_FASTCALL,
      "Reduce the tensors an item array describes into a float32 buffer (see probes.py)."},
     {"addresses", (PyCFunction)(void (*)(void))addresses, METH_FASTCALL,
@@ -882,7 +910,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 11
+#define KERNEL_VERSION 12
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
@@ -906,6 +934,16 @@ PyMODINIT_FUNC PyInit__kernel(void) {
                           &s_nnvitals, &s_register_hook_dict, &s_register_hook};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
+    PyObject *lender = PyImport_ImportModule("nnvitals._autograd");
+    PyObject *capsule = lender != NULL ? PyObject_GetAttrString(lender, "API") : NULL;
+    lent = capsule != NULL ? PyCapsule_GetPointer(capsule, "nnvitals._autograd.API") : NULL;
+    Py_XDECREF(capsule); /* (the module, imported for good, keeps it) */
+    Py_XDECREF(lender);
+    if (lent == NULL || lent->version != NNVITALS_AUTOGRAD_API_VERSION) {
+        PyErr_Clear(); /* not built, or from another version of _autograd.h: torch's Python API instead */
+        lent = NULL;
+    }
+    torch_api = lent;
     if (PyType_Ready(&replay_type) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0 ||

@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 11  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 12  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -47,6 +47,10 @@ try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built
         _kernel = None
 except ImportError:  # pragma: no cover - depends on the install
     _kernel = None
+try:  # torch's C++ API for gradient hooks (src/nnvitals/_autograd.cpp); where it was not built, its Python API
+    from nnvitals._autograd import keep_grad as _keep_grad
+except ImportError:  # pragma: no cover - depends on the install
+    _keep_grad = None
 
 HIST_BINS = 50
 # Fixed histogram ranges per kind of layer output, so histograms of different steps (and, later, of
@@ -555,6 +559,8 @@ def _grad_cell(out: torch.Tensor) -> list[torch.Tensor]:
     would keep a copy): a hook registered the way Tensor.register_hook does, without making its handle (the
     kernel's Replay does the same)."""
     cell: list[torch.Tensor] = []
+    if _keep_grad is not None and _keep_grad(out, cell):  # (a C++ hook, where it was built)
+        return cell
     if type(out) is torch.Tensor and out._backward_hooks is None and out.grad_fn is not None:
         # (ordered, with a key no handle has: register_hook may add to it later)
         out._backward_hooks = collections.OrderedDict(nnvitals=cell.append)

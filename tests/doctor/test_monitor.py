@@ -1,5 +1,6 @@
 """Monitor in a training loop: bit-identical training, sampled statistics, findings and plots."""
 
+import io
 import warnings
 
 import pytest
@@ -158,11 +159,26 @@ def test_statistics_match_torch_on_the_same_pass(stack_limit, monkeypatch):
             assert p.grad_std == pytest.approx(param.grad.std().item(), rel=1e-3)
 
 
+@pytest.fixture(params=[True, False], ids=["c++-hooks", "python-hooks"])
+def lender(request, monkeypatch):
+    """Gradient hooks (and, in the kernel, tensor addresses) by nnvitals._autograd's C++ or torch's Python API."""
+    if request.param and probes._keep_grad is None:
+        pytest.skip("nnvitals._autograd is not built")
+    if not request.param:
+        monkeypatch.setattr(probes, "_keep_grad", None)
+    kernel = probes._kernel
+    if kernel is not None:
+        kernel.borrow(request.param)
+    yield request.param
+    if kernel is not None:
+        kernel.borrow(True)
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch-ops"])
-def test_a_gradient_that_came_twice_is_their_sum_and_outputs_keep_no_grad(kernel, monkeypatch):
+def test_a_gradient_that_came_twice_is_their_sum_and_outputs_keep_no_grad(kernel, lender, monkeypatch):
     """Backward run twice through a recorded pass (retain_graph): each layer's gradient is the sum of the two, as
-    autograd adds them up, with the Replay in C or in Python; hooks the user adds to an output afterwards still
-    run; and no output is left with a `.grad` it did not have."""
+    autograd adds them up, with the Replay in C or in Python, the hooks in C++ or Python; hooks the user adds to an
+    output afterwards still run; and no output is left with a `.grad` it did not have."""
     if kernel and probes._kernel is None:
         pytest.skip("the compiled kernel is not built")
     monkeypatch.setattr(probes, "_kernel", probes._kernel if kernel else None)
@@ -198,6 +214,22 @@ def test_a_gradient_that_came_twice_is_their_sum_and_outputs_keep_no_grad(kernel
         with warnings.catch_warnings():  # (torch warns that a non-leaf's .grad is not filled in: the point here)
             warnings.simplefilter("ignore", UserWarning)
             assert all(out.grad is None and not out.retains_grad for out in outputs.values())
+
+
+def test_an_output_saved_on_a_sampled_step_saves_without_a_warning():
+    """With the C++ hooks the Monitor's gradient hooks live in autograd's graph, not on the output: a user who saves
+    the model's output (torch.save, pickle) on a sampled step gets no warning about backward hooks."""
+    if probes._keep_grad is None:
+        pytest.skip("nnvitals._autograd is not built")
+    model, x, y = M.healthy_deep_tanh()
+    with nnvitals.Monitor(model, every=1) as mon:
+        out = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.save(out, io.BytesIO())
+        nn.functional.cross_entropy(out, y).backward()
+        mon.step()
+    assert mon.history[0]["layers"]
 
 
 def test_update_ratio_is_the_measured_update():
