@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <memory>
+#include <vector>
 
 #include "_autograd.h"
 
@@ -79,12 +80,38 @@ PyObject *keep_grad_py(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return PyBool_FromLong(done);
 }
 
+/* state(tensors): what decides the set of trainable parameters and how they are read (each one's requires_grad,
+ * whether it is in host memory, its shape) as one bytes object, compared as a whole from pass to pass: what
+ * probes' _PARAM_STATE reads with three Python attribute lookups a parameter. */
+PyObject *state(PyObject *, PyObject *tensors) {
+    if (!PyList_Check(tensors)) {
+        PyErr_SetString(PyExc_TypeError, "state(tensors: list)");
+        return nullptr;
+    }
+    std::vector<int64_t> words;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors); i++) {
+        PyObject *t = PyList_GET_ITEM(tensors, i);
+        if (!THPVariable_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "state: a list of tensors");
+            return nullptr;
+        }
+        const at::Tensor &x = THPVariable_Unpack(t);
+        words.push_back(x.requires_grad() | (x.is_cpu() << 1));
+        words.push_back(x.dim());
+        for (const int64_t size : x.sizes()) words.push_back(size);
+    }
+    return PyBytes_FromStringAndSize(reinterpret_cast<const char *>(words.data()),
+                                     static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+}
+
 nnvitals_autograd_api api = {NNVITALS_AUTOGRAD_API_VERSION, address, keep_grad};
 
 PyMethodDef methods[] = {
     {"keep_grad", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(keep_grad_py)), METH_FASTCALL,
      "keep_grad(output, cell): have autograd append output's gradient to the list cell; False where that takes a "
      "Python hook (a leaf, a tensor subclass)."},
+    {"state", state, METH_O,
+     "state(tensors): each one's requires_grad, place (host or not) and shape, as one bytes object to compare."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -47,10 +47,11 @@ try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built
         _kernel = None
 except ImportError:  # pragma: no cover - depends on the install
     _kernel = None
-try:  # torch's C++ API for gradient hooks (src/nnvitals/_autograd.cpp); where it was not built, its Python API
+try:  # torch's C++ API for gradient hooks and more (src/nnvitals/_autograd.cpp); where it was not built, its Python API
     from nnvitals._autograd import keep_grad as _keep_grad
+    from nnvitals._autograd import state as _params_state
 except ImportError:  # pragma: no cover - depends on the install
-    _keep_grad = None
+    _keep_grad = _params_state = None
 
 HIST_BINS = 50
 # Fixed histogram ranges per kind of layer output, so histograms of different steps (and, later, of
@@ -759,7 +760,7 @@ class Recorder:
         self._cache: dict[Any, Any] = {}
         self._spec_cache: dict[tuple[str, tuple[int, ...], str | None], _Spec] = {}
         self.snapshot: Snapshot | None = None  # the weights' copy last taken (snapshot_params, collect)
-        self._trainable_now: tuple[list[Any], Any] = ([None], None)  # the parameters' state last seen, its set
+        self._trainable_now: tuple[Any, Any] = (None, None)  # the parameters' state last seen, its set
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -1239,9 +1240,10 @@ class Recorder:
     def _trainable(self) -> _Trainable:
         """The trainable parameters (those with requires_grad), worked out again only when that, a shape or a
         device changes."""
-        state = list(map(_PARAM_STATE, self._param_list))
-        if state != self._trainable_now[0]:  # (compared as a list: no hash of it, most times)
-            key = ("trainable", tuple(state))
+        state = _params_state(self._param_list) if _params_state is not None \
+            else tuple(map(_PARAM_STATE, self._param_list))
+        if state != self._trainable_now[0]:  # (compared as it is: no hash of it, most times)
+            key = ("trainable", state)
             if key not in self._cache:
                 ps: list[tuple[str, torch.Tensor, str | None]] = [
                     (n, p, self._param_kinds.get(n)) for n, p in self._params if p.requires_grad]
