@@ -10,7 +10,9 @@
 from setuptools import Extension, setup
 
 KERNEL_FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off"]  # (benchmarks/ab.py builds another revision's with them)
-modules = [Extension("nnvitals._kernel", ["src/nnvitals/_kernel.c"], optional=True, extra_compile_args=KERNEL_FLAGS)]
+LENT = ["src/nnvitals/_autograd.h"]  # what the C++ part lends the kernel, included by both
+modules = [Extension("nnvitals._kernel", ["src/nnvitals/_kernel.c"], depends=LENT, optional=True,
+                     extra_compile_args=KERNEL_FLAGS)]
 try:
     import torch
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -19,7 +21,7 @@ except ImportError:  # pragma: no cover - a build without isolation, in an envir
 else:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     modules.append(Extension(
-        "nnvitals._autograd", ["src/nnvitals/_autograd.cpp"], optional=True, language="c++",
+        "nnvitals._autograd", ["src/nnvitals/_autograd.cpp"], depends=LENT, optional=True, language="c++",
         include_dirs=include_paths(), library_dirs=library_paths(),
         libraries=["c10", "torch", "torch_cpu", "torch_python"],
         extra_compile_args=["-std=c++17", "-O2", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]))

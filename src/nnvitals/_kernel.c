@@ -479,11 +479,12 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
 /* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
 
-/* A list autograd will append the output's gradient to, as probes._grad_cell makes it: a hook in a new hooks dict
- * of the output, registered with its grad_fn as Tensor.register_hook does (without a handle); register_hook itself
- * where the output already has hooks. A new reference, or NULL with an exception set. */
+/* A list autograd will append the output's gradient to, as probes._grad_cell makes it: a C++ hook on its grad_fn
+ * where nnvitals._autograd lends one; else a hook in a new hooks dict of the output, registered with its grad_fn as
+ * Tensor.register_hook does (without a handle), or register_hook itself where the output already has hooks. A new
+ * reference, or NULL with an exception set. */
 static PyObject *grad_cell(replay_t *self, PyObject *out) {
-    if (torch_api != NULL) { /* (by a C++ hook where it can) */
+    if (torch_api != NULL) {
         PyObject *cell = PyList_New(0);
         const int kept = cell != NULL ? torch_api->keep_grad(out, cell) : -1;
         if (kept != 0) {

@@ -7,7 +7,8 @@ A hook only keeps the layer's output (a copy where something has been seen chang
 in backward, the gradient arriving at it; what a record is (its name, kind, shape, input) is worked out
 once, and a pass that repeats the last one's layers takes it from the last pass's entries. `collect()`
 then reduces everything (moments, saturation, dead units, histograms) and moves it to the host in one
-transfer. On the CPU the compiled kernel (`_kernel.c`) does that in one call for the whole pass (the
+transfer. On the CPU the compiled kernel (`_kernel.c`; its C++ lender `_autograd.cpp` hooks the gradients and
+reads tensors' addresses through torch's C++ API) does that in one call for the whole pass (the
 weights' copy for the next update included), one pass per tensor, and replays a repeated pass's records in
 the forward hook without the interpreter; elsewhere the small outputs of the
 same kind and shape are stacked and each stack reduced in a few torch ops, so the cost hardly grows with
