@@ -95,10 +95,15 @@ PyObject *state(PyObject *, PyObject *tensors) {
             PyErr_SetString(PyExc_TypeError, "state: a list of tensors");
             return nullptr;
         }
-        const at::Tensor &x = THPVariable_Unpack(t);
-        words.push_back(x.requires_grad() | (x.is_cpu() << 1));
-        words.push_back(x.dim());
-        for (const int64_t size : x.sizes()) words.push_back(size);
+        try {
+            const at::Tensor &x = THPVariable_Unpack(t);
+            words.push_back(x.requires_grad() | (x.is_cpu() << 1));
+            words.push_back(x.dim());
+            for (const int64_t size : x.sizes()) words.push_back(size);
+        } catch (const std::exception &e) { /* (a tensor without plain sizes: no C++ exception may cross into C) */
+            PyErr_SetString(PyExc_RuntimeError, e.what());
+            return nullptr;
+        }
     }
     return PyBytes_FromStringAndSize(reinterpret_cast<const char *>(words.data()),
                                      static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));

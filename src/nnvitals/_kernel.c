@@ -484,16 +484,13 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
  * Tensor.register_hook does (without a handle), or register_hook itself where the output already has hooks. A new
  * reference, or NULL with an exception set. */
 static PyObject *grad_cell(replay_t *self, PyObject *out) {
-    if (torch_api != NULL) {
-        PyObject *cell = PyList_New(0);
-        const int kept = cell != NULL ? torch_api->keep_grad(out, cell) : -1;
-        if (kept != 0) {
-            if (kept < 0) Py_CLEAR(cell);
-            return cell;
-        }
-        Py_DECREF(cell);
+    PyObject *cell = PyList_New(0);
+    if (cell != NULL && torch_api != NULL) {
+        const int kept = torch_api->keep_grad(out, cell);
+        if (kept < 0) Py_CLEAR(cell);
+        if (kept != 0) return cell;
     }
-    PyObject *cell = PyList_New(0), *append = cell != NULL ? PyObject_GetAttr(cell, s_append) : NULL;
+    PyObject *append = cell != NULL ? PyObject_GetAttr(cell, s_append) : NULL;
     PyObject *hooks = append != NULL ? GET(out, s_backward_hooks) : NULL;
     PyObject *grad_fn = hooks != NULL ? GET(out, s_grad_fn) : NULL, *r = NULL;
     if (grad_fn == NULL) goto done;
