@@ -7,6 +7,7 @@ import collections
 import html
 import json
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
@@ -260,6 +262,10 @@ class Monitor:
     and one transfer; the numbers are read into statistics only when findings, history or plots are
     asked for (or, with `tensorboard=` a SummaryWriter or a folder, written there on every sampled step,
     with the findings as text when the Monitor closes).
+
+    The update ratio compares the weights after the step with a copy taken before it: on the sampled step,
+    just before the first `torch.optim` optimizer holding some of the model's parameters steps, once the
+    Monitor has seen one do so on a sampled step (else, as for hand-written updates, at the step before).
     """
 
     HISTORY_LIMIT = 2048  # sampled steps kept; beyond it every other older one is dropped
@@ -279,6 +285,12 @@ class Monitor:
         self._recent: collections.deque[RawPass | PassStats] = collections.deque(maxlen=UPDATE_RATIO_WINDOW)
         self._rows: dict[int, dict[str, Any]] = {}
         self._before: Snapshot | None = None
+        # The weights' copy for an update is taken as late as it can be (see the class's docstring): a copy
+        # at the step before costs that step a pass over all weights and pushes the run's data out of the caches.
+        self._late_copy = False  # whether an optimizer of the model was seen stepping on the last sampled step
+        self._stepped = False  # whether one has stepped since the hook below was registered
+        self._optimizer_hook: Any = None  # the process-wide optimizer pre-hook, registered while armed
+        self._holds_params: dict[int, tuple[weakref.ref[Any], int, bool]] = {}  # optimizers seen: whether it holds
         self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False
@@ -295,6 +307,7 @@ class Monitor:
         self._entered = False
         self._quiet_to = 0
         self._recorder.detach()
+        self._watch_optimizers(False)
         if self._writer is not None and self._recent and is_main_process():
             tensorboard_output.write_findings(self._writer, self._passes[-1][0], self.findings())
 
@@ -305,13 +318,42 @@ class Monitor:
         return step % self.every == 0
 
     def _arm(self, before: Snapshot | None = None) -> None:
-        """Attach the hooks and copy the weights (unless `before` is that copy) for a sampled step, else detach."""
+        """Attach the hooks for a sampled step and see that the weights are copied before its update (`before`:
+        that copy, already taken), else detach."""
         if self.sampled(self.steps):
             self._recorder.attach()
-            self._before = before or self._recorder.snapshot_params()
+            self._before = before
+            if before is None:
+                self._watch_optimizers(True)
+                if not self._late_copy:
+                    self._before = self._recorder.snapshot_params()
         elif self._recorder.attached:
             self._recorder.detach()
             self._before = None
+            self._watch_optimizers(False)
+
+    def _watch_optimizers(self, on: bool) -> None:
+        """Register (or remove) the process-wide hook that copies the weights as an optimizer is about to step."""
+        if on and self._optimizer_hook is None:
+            self._stepped = False
+            self._optimizer_hook = register_optimizer_step_pre_hook(self._optimizer_stepping)
+        elif not on and self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
+
+    def _optimizer_stepping(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """An optimizer is about to step: if it holds some of the model's parameters, the first time in the step
+        the weights are copied, as they are before their update."""
+        groups = optimizer.param_groups
+        known = self._holds_params.get(id(optimizer))
+        if known is None or known[0]() is not optimizer or known[1] != len(groups):  # (once per optimizer)
+            ours = {id(p) for p in self.model.parameters()}
+            known = weakref.ref(optimizer), len(groups), any(id(p) in ours for g in groups for p in g["params"])
+            self._holds_params[id(optimizer)] = known
+        if known[2] and not self._stepped:
+            self._stepped = True
+            if self._before is None:
+                self._before = self._recorder.snapshot_params()
 
     def pause(self) -> None:
         """Record nothing until `resume()` (e.g. the micro-batches of gradient accumulation that do not end
@@ -345,6 +387,9 @@ class Monitor:
         if recorder.attached and self.steps % self.every == 0:
             next_sampled = self.sampled(self.steps + 1)
             raw = recorder.collect(before=self._before, snapshot=next_sampled)
+            if self._optimizer_hook is not None:  # learned: where to copy the weights for the next sample
+                self._late_copy = self._stepped
+                self._watch_optimizers(False)
             before = recorder.snapshot if next_sampled else None
             # keep the loss as it is (a tensor is read with the rest, when asked): no extra host sync here
             kept = loss.detach() if isinstance(loss, torch.Tensor) else loss

@@ -270,6 +270,43 @@ def test_update_ratios_step_after_step_each_against_its_own_step():
     assert expected[0] != pytest.approx(expected[-1], abs=1e-3)  # momentum: the steps differ
 
 
+@pytest.mark.parametrize("update", ["optimizer", "by hand", "by hand, then another model's optimizer"])
+def test_update_ratio_at_every_third_step_is_that_steps_own_update(update):
+    """Between samples the weights' copy is taken as the model's optimizer is about to step (once one has been
+    seen doing so), or at the step before for updates written by hand; an optimizer of another model stepping
+    after a hand-written update does not count as the model's."""
+    model, x, y = M.healthy_deep_tanh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    other = nn.Linear(3, 3)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    weights = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    expected = {}
+    with nnvitals.Monitor(model, every=3) as mon:
+        for step in range(10):
+            before = {n: p.detach().clone() for n, p in weights.items()}
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if update == "optimizer":
+                opt.step()
+            else:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.5 * p.grad
+                if update != "by hand":
+                    other(torch.ones(1, 3)).sum().backward()
+                    other_opt.step()
+            mon.step(loss)
+            if step % 3 == 0:
+                expected[step] = {n: torch.log10((p.detach() - before[n]).std() / p.detach().std()).item()
+                                  for n, p in weights.items()}
+    rows = {row["step"]: row for row in mon.history}
+    assert sorted(rows) == [0, 3, 6, 9]
+    for step, want in expected.items():
+        assert {n: rows[step]["params"][n]["update_ratio"] for n in want} == pytest.approx(want, abs=1e-3)
+    assert mon._late_copy == (update == "optimizer")  # where the copy was taken at the last sample
+
+
 def test_a_weight_frozen_between_snapshot_and_step_leaves_the_other_numbers_right():
     """The weights copied before the step no longer match the trainable ones: no update ratio is made up,
     and every weight's and gradient's spread is still its own."""
