@@ -3,12 +3,14 @@
 On a shared, noisy machine two benchmark runs minutes apart differ by more than most changes gain. Here
 three training runs of the lesson's deep network (benchmarks/overhead.py) go on side by side in one
 process: plain, `Monitor` from REV and `Monitor` from the working tree, one step each in turn, in an order
-shuffled every step (whichever came right after the plain step was measured 40-60 us faster). REV's
+shuffled every turn (whichever came right after the plain step was measured 40-60 us faster). With `--turn K`
+each run takes K steps a turn: a sampled step then comes among the run's own steps, as in a training loop, so
+what it leaves in the caches for the steps after it is counted too. REV's
 package is extracted with `git archive` into a temporary folder and imported as `nnvitals_ab`. A Monitor
 armed for its next sampled step is paused while the other runs take their steps (its process-wide hooks
 would run on their modules too), untimed, as in overhead.py.
 
-    .venv/bin/python benchmarks/ab.py REV [--every 1] [--steps 3000]
+    .venv/bin/python benchmarks/ab.py REV [--every 1] [--steps 3000] [--turn 1]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import Trainer  # noqa: E402
+from overhead import OwnRounds, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,9 +65,9 @@ def extract(rev: str, into: Path) -> str:
     return "its own compiled kernel"
 
 
-def cycle_us(times: list[float], every: int, skip: int) -> float:
-    """Mean over the sampling cycle of each position's median step, in microseconds."""
-    return sum(statistics.median(times[skip + j::every]) for j in range(every)) / every * 1e6
+def positions_us(times: list[float], every: int, skip: int) -> list[float]:
+    """Each position's median step in the sampling cycle (the sampled step first), in microseconds."""
+    return [statistics.median(times[skip + j::every]) * 1e6 for j in range(every)]
 
 
 def main() -> int:
@@ -73,9 +75,11 @@ def main() -> int:
     ap.add_argument("rev", help="the git revision to compare the working tree with, e.g. HEAD~3")
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3000, help="steps of each run (the first fifth untimed)")
+    ap.add_argument("--turn", type=int, default=1, help="steps each run takes in its turn")
     args = ap.parse_args()
-    if args.every < 1 or args.steps < 5 * args.every:
-        print(f"error: need --every >= 1 and --steps >= 5 x every, got {args.every} and {args.steps}", file=sys.stderr)
+    if args.every < 1 or args.turn < 1 or args.steps < 5 * max(args.every, args.turn):
+        print(f"error: need --every >= 1, --turn >= 1 and --steps >= 5 x both, got {args.every}, {args.turn} and "
+              f"{args.steps}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,20 +96,23 @@ def main() -> int:
         runs = {"plain": Trainer(), args.rev: Trainer(), "working tree": Trainer()}
         for name, package in ((args.rev, nnvitals_ab), ("working tree", nnvitals)):
             runs[name].monitor = package.Monitor(runs[name].model, every=args.every).__enter__()
+            runs[name].rounds = OwnRounds(runs[name].monitor)
         order = list(runs)
         shuffle = random.Random(1).shuffle
-        for _ in range(args.steps):
+        for _ in range(args.steps // args.turn):
             shuffle(order)
             for name in order:
-                runs[name](1)  # one training step, its time kept in step_times
+                runs[name](args.turn)  # its steps' times kept in step_times
     times = {name: run.step_times for name, run in runs.items()}
-    skip = args.steps // 5
-    plain = cycle_us(times["plain"], args.every, skip)
-    print(f"every={args.every}, {args.steps} steps each, {args.rev} with {path_of_rev}; "
-          "median step per position of the cycle, averaged")
+    skip = args.steps // 5 // args.every * args.every  # (a whole number of cycles: position 0 is a sampled step)
+    plain = statistics.mean(positions_us(times["plain"], args.every, skip))
+    print(f"every={args.every}, {args.steps} steps each, {args.turn} a turn, {args.rev} with {path_of_rev}; "
+          "median step per position of the cycle, averaged (and each position over plain)")
     for name in runs:
-        us = cycle_us(times[name], args.every, skip)
-        print(f"  {name:14s} {us:8.0f} us  +{us - plain:6.0f} us over plain")
+        at = positions_us(times[name], args.every, skip)
+        us = statistics.mean(at)
+        each = " ".join(f"{t - plain:+.0f}" for t in at) if name != "plain" and args.every > 1 else ""
+        print(f"  {name:14s} {us:8.0f} us  +{us - plain:6.0f} us over plain  {each}")
     return 0
 
 
