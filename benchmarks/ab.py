@@ -112,7 +112,7 @@ def main() -> int:
         at = positions_us(times[name], args.every, skip)
         us = statistics.mean(at)
         each = " ".join(f"{t - plain:+.0f}" for t in at) if name != "plain" and args.every > 1 else ""
-        print(f"  {name:14s} {us:8.0f} us  +{us - plain:6.0f} us over plain  {each}")
+        print(f"  {name:14s} {us:8.0f} us  +{us - plain:6.0f} us over plain  {each}".rstrip())
     return 0
 
 

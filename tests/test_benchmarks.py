@@ -82,14 +82,29 @@ def test_ab_compares_the_working_tree_with_a_revision_in_one_process():
                           timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("every=1, 50 steps each, HEAD with ")
+    assert lines[0].startswith("every=1, 50 steps each, 1 a turn, HEAD with ")
     assert [line.split()[0] for line in lines[1:]] == ["plain", "HEAD", "working"]
     assert all(line.endswith("us over plain") for line in lines[1:])
 
 
+def test_ab_in_turns_shows_each_position_of_the_cycle():
+    """With --turn each run takes its steps in a row; each Monitor's line ends with one figure per position of the
+    sampling cycle, the sampled step's first and dearest."""
+    done = subprocess.run([sys.executable, str(AB), "HEAD", "--every", "5", "--turn", "50", "--steps", "250"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("every=5, 250 steps each, 50 a turn, HEAD with ")
+    assert lines[1].endswith("us over plain")
+    for line in lines[2:]:
+        positions = [float(x) for x in line.split("us over plain")[1].split()]
+        assert len(positions) == 5 and positions[0] == max(positions)
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["no-such-revision"], "error: cannot extract 'no-such-revision': "),
-    (["HEAD", "--every", "0"], "error: need --every >= 1 and --steps >= 5 x every, got 0 and 3000"),
+    (["HEAD", "--every", "0"], "error: need --every >= 1, --turn >= 1 and --steps >= 5 x both, got 0, 1 and 3000"),
+    (["HEAD", "--turn", "700"], "error: need --every >= 1, --turn >= 1 and --steps >= 5 x both, got 1, 700 and 3000"),
 ])
 def test_ab_refuses_what_it_cannot_compare(args, says):
     done = subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True, timeout=60)
