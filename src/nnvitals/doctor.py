@@ -7,7 +7,6 @@ import collections
 import html
 import json
 import math
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +289,6 @@ class Monitor:
         self._late_copy = False  # whether an optimizer of the model was seen stepping on the last sampled step
         self._stepped = False  # whether one has stepped since the hook below was registered
         self._optimizer_hook: Any = None  # the process-wide optimizer pre-hook, registered while armed
-        self._holds_params: dict[int, tuple[weakref.ref[Any], int, bool]] = {}  # optimizers seen: whether it holds
         self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False
@@ -344,13 +342,10 @@ class Monitor:
     def _optimizer_stepping(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """An optimizer is about to step: if it holds some of the model's parameters, the first time in the step
         the weights are copied, as they are before their update."""
-        groups = optimizer.param_groups
-        known = self._holds_params.get(id(optimizer))
-        if known is None or known[0]() is not optimizer or known[1] != len(groups):  # (once per optimizer)
-            ours = {id(p) for p in self.model.parameters()}
-            known = weakref.ref(optimizer), len(groups), any(id(p) in ours for g in groups for p in g["params"])
-            self._holds_params[id(optimizer)] = known
-        if known[2] and not self._stepped:
+        if self._stepped:
+            return
+        ours = self._recorder.param_names  # (by id; the model's optimizer usually holds its first one first)
+        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
             self._stepped = True
             if self._before is None:
                 self._before = self._recorder.snapshot_params()
