@@ -8,7 +8,8 @@
  * tensor, a numpy structured array of the same layout; `addresses` fills in where the tensors are) and
  * falls back to torch ops where this module was not built or the tensors are not on the CPU. `Replay` is
  * the process-wide forward hook for a pass that repeats the last one's records: the steps of
- * Recorder's Python hook, without the interpreter, handing every other call to that hook.
+ * Recorder's Python hook, without the interpreter, handing every other call to that hook. `Watch` hands it
+ * the watched modules' calls without a process-wide hook, where that is known to see them all.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -824,6 +825,214 @@ static PyTypeObject replay_type = {
                "model)",
 };
 
+/* Watching a pass without a process-wide hook. While any forward hook is registered process-wide, torch calls every
+ * module through its slow path (some fifty lines of Python a call); `Watch` instead gives each watched module, for
+ * the length of the model's own call, an instance `forward` (a `Forward`) that calls the module's forward and hands
+ * the call to the Replay, as the process-wide hook would have. Only the model's own call then takes the slow path,
+ * for its pre-hook (the Watch: set them) and forward hook (`Watch.leave`: take them away again, also where forward
+ * raised). Recorder uses it for a pass only after it has seen a pass record nothing outside the model's own call. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *module, *call, *hook; /* the module, its forward as it was, the Replay */
+} forward_t;
+
+static PyObject *forward_call(forward_t *self, PyObject *args, PyObject *kwargs) {
+    PyObject *out = PyObject_Call(self->call, args, kwargs);
+    if (out == NULL) return NULL;
+    PyObject *r = PyObject_CallFunctionObjArgs(self->hook, self->module, args, out, NULL);
+    if (r == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return out;
+}
+
+static int forward_traverse(forward_t *self, visitproc visit, void *arg) {
+    Py_VISIT(self->module);
+    Py_VISIT(self->call);
+    Py_VISIT(self->hook);
+    return 0;
+}
+
+static int forward_clear(forward_t *self) {
+    Py_CLEAR(self->module);
+    Py_CLEAR(self->call);
+    Py_CLEAR(self->hook);
+    return 0;
+}
+
+static void forward_dealloc(forward_t *self) {
+    PyObject_GC_UnTrack(self);
+    forward_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject forward_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "nnvitals._kernel.Forward",
+    .tp_basicsize = sizeof(forward_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_call = (ternaryfunc)forward_call,
+    .tp_traverse = (traverseproc)forward_traverse,
+    .tp_clear = (inquiry)forward_clear,
+    .tp_dealloc = (destructor)forward_dealloc,
+    .tp_doc = "A watched module's forward for one call of the model: the module's own, then the Replay.",
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *dicts;  /* the watched modules' __dict__s, in order (a tuple) */
+    PyObject *modules; /* the modules (a tuple) */
+    PyObject *hook;    /* the Replay */
+    PyObject *set;     /* per module while set: (its Forward, what __dict__["forward"] was, or this Watch where it
+                        * had none); NULL between the model's calls */
+    Py_ssize_t depth;  /* calls of the model under way (a model may call itself) */
+} watch_t;
+
+static PyObject *s_forward;
+
+/* Each module's __dict__["forward"] back to what it was, where it is still the Forward set (0; -1 on an error, after
+ * putting back all the others). */
+static int watch_unset(watch_t *self) {
+    int failed = 0;
+    for (Py_ssize_t i = 0; self->set != NULL && i < PyTuple_GET_SIZE(self->dicts); i++) {
+        PyObject *pair = PyList_GET_ITEM(self->set, i); /* (Forward, before); None: not set (an error midway) */
+        if (pair == Py_None) continue;
+        PyObject *dict = PyTuple_GET_ITEM(self->dicts, i), *mine = PyTuple_GET_ITEM(pair, 0),
+                 *before = PyTuple_GET_ITEM(pair, 1);
+        PyObject *now = PyDict_GetItemWithError(dict, s_forward); /* borrowed */
+        if (now == mine) /* (else something set its own forward since: left as it is) */
+            failed |= (before == (PyObject *)self ? PyDict_DelItem(dict, s_forward)
+                                                  : PyDict_SetItem(dict, s_forward, before)) < 0;
+        else if (now == NULL && PyErr_Occurred())
+            failed = 1;
+    }
+    Py_CLEAR(self->set);
+    return failed ? -1 : 0;
+}
+
+/* The model's forward pre-hook: on its outermost call, each watched module's forward wrapped. */
+static PyObject *watch_call(watch_t *self, PyObject *args, PyObject *kwargs) {
+    (void)args;
+    (void)kwargs;
+    if (self->depth++ > 0) Py_RETURN_NONE;
+    const Py_ssize_t n = PyTuple_GET_SIZE(self->dicts);
+    self->set = PyList_New(n);
+    if (self->set == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(self->set, i, Py_None);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *dict = PyTuple_GET_ITEM(self->dicts, i), *module = PyTuple_GET_ITEM(self->modules, i);
+        PyObject *before = PyDict_GetItemWithError(dict, s_forward); /* borrowed: a forward set on the instance */
+        if (before == NULL && PyErr_Occurred()) goto error;
+        PyObject *call = before != NULL ? Py_NewRef(before) : PyObject_GetAttr(module, s_forward);
+        if (call == NULL) goto error;
+        forward_t *mine = PyObject_GC_New(forward_t, &forward_type);
+        if (mine == NULL) {
+            Py_DECREF(call);
+            goto error;
+        }
+        mine->module = Py_NewRef(module), mine->call = call, mine->hook = Py_NewRef(self->hook);
+        PyObject_GC_Track(mine);
+        /* (the Watch itself marks "no forward on the instance before") */
+        PyObject *pair = PyTuple_Pack(2, (PyObject *)mine, before != NULL ? before : (PyObject *)self);
+        const int failed = pair == NULL || PyDict_SetItem(dict, s_forward, (PyObject *)mine) < 0;
+        Py_DECREF(mine);
+        if (failed) {
+            Py_XDECREF(pair);
+            goto error;
+        }
+        PyList_SetItem(self->set, i, pair); /* (steals pair; after the dict holds the Forward, so unset finds it) */
+    }
+    Py_RETURN_NONE;
+error:
+    self->depth--;
+    {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        watch_unset(self);
+        PyErr_Restore(type, value, traceback);
+    }
+    return NULL;
+}
+
+/* The model's forward hook (registered to be called also where forward raised): on the outermost call returning,
+ * the modules' forwards as they were. */
+static PyObject *watch_leave(watch_t *self, PyObject *args) {
+    (void)args;
+    if (self->depth == 0 || --self->depth > 0) Py_RETURN_NONE;
+    if (watch_unset(self) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Watch(modules, replay) */
+static PyObject *watch_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *modules, *hook;
+    if (kwargs != NULL || !PyArg_ParseTuple(args, "O!O", &PyTuple_Type, &modules, &hook)) return NULL;
+    PyObject *dicts = PyTuple_New(PyTuple_GET_SIZE(modules));
+    if (dicts == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(modules); i++) {
+        PyObject *dict = PyObject_GenericGetDict(PyTuple_GET_ITEM(modules, i), NULL);
+        if (dict == NULL) {
+            Py_DECREF(dicts);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(dicts, i, dict);
+    }
+    watch_t *self = (watch_t *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(dicts);
+        return NULL;
+    }
+    self->dicts = dicts, self->modules = Py_NewRef(modules), self->hook = Py_NewRef(hook);
+    self->set = NULL, self->depth = 0;
+    return (PyObject *)self;
+}
+
+static int watch_traverse(watch_t *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dicts);
+    Py_VISIT(self->modules);
+    Py_VISIT(self->hook);
+    Py_VISIT(self->set);
+    return 0;
+}
+
+static int watch_clear(watch_t *self) {
+    Py_CLEAR(self->dicts);
+    Py_CLEAR(self->modules);
+    Py_CLEAR(self->hook);
+    Py_CLEAR(self->set);
+    return 0;
+}
+
+static void watch_dealloc(watch_t *self) {
+    PyObject_GC_UnTrack(self);
+    watch_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef watch_methods[] = {
+    {"leave", (PyCFunction)watch_leave, METH_VARARGS,
+     "leave(model, args, output): the model's forward hook, putting the modules' forwards back on its outermost call."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject watch_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "nnvitals._kernel.Watch",
+    .tp_basicsize = sizeof(watch_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = watch_new,
+    .tp_call = (ternaryfunc)watch_call,
+    .tp_methods = watch_methods,
+    .tp_traverse = (traverseproc)watch_traverse,
+    .tp_clear = (inquiry)watch_clear,
+    .tp_dealloc = (destructor)watch_dealloc,
+    .tp_doc = "Watch(modules, replay): the model's forward pre-hook (this object) and forward hook (`leave`) that give "
+              "the modules, for each call of the model, a forward handing their calls to the Replay.",
+};
+
 /* take_grads(cells, outputs, versions): the gradients autograd handed these outputs, each taken from its cell (see
  * grad_cell), when each came exactly once and no output has changed since it was recorded (its version then);
  * else None, and nothing is taken (Recorder.collect then goes through them one by one). */
@@ -908,7 +1117,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 12
+#define KERNEL_VERSION 13
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");
@@ -942,10 +1151,14 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         lent = NULL;
     }
     torch_api = lent;
-    if (PyType_Ready(&replay_type) < 0) return NULL;
+    s_forward = PyUnicode_InternFromString("forward");
+    if (s_forward == NULL || PyType_Ready(&replay_type) < 0 || PyType_Ready(&forward_type) < 0 ||
+        PyType_Ready(&watch_type) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "VERSION", KERNEL_VERSION) < 0 ||
-                      PyModule_AddObjectRef(m, "Replay", (PyObject *)&replay_type) < 0)) {
+                      PyModule_AddObjectRef(m, "Replay", (PyObject *)&replay_type) < 0 ||
+                      PyModule_AddObjectRef(m, "Watch", (PyObject *)&watch_type) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

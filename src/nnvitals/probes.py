@@ -2,7 +2,10 @@
 
 A `Recorder` watches the layers worth watching (linear, normalisation, embedding and activation modules)
 through one process-wide module forward hook that hands each call to that layer's own hook, and, through a
-`TorchFunctionMode`, activations called as functions inside a `forward` (`torch.tanh(x)`, `F.relu(x)`).
+`TorchFunctionMode`, activations called as functions inside a `forward` (`torch.tanh(x)`, `F.relu(x)`). Once a
+pass has shown that the layers are called only inside the model's own call, the kernel's `Watch` stands in for
+the process-wide hook: for the length of that call each watched module gets an instance `forward` that hands
+its calls on, so that torch's module calls (the model's own aside) keep their fast path.
 A hook only keeps the layer's output (a copy where something has been seen changing it in place) and,
 in backward, the gradient arriving at it; what a record is (its name, kind, shape, input) is worked out
 once, and a pass that repeats the last one's layers takes it from the last pass's entries. `collect()`
@@ -21,9 +24,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import math
 import operator
 import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -40,7 +45,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 12  # the item layout below; a kernel built from another version of _kernel.c is not used
+KERNEL_VERSION = 13  # the item layout below; a kernel built from another version of _kernel.c is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
@@ -761,6 +766,10 @@ class Recorder:
         self._cache: dict[Any, Any] = {}
         self._spec_cache: dict[tuple[str, tuple[int, ...], str | None], _Spec] = {}
         self.snapshot: Snapshot | None = None  # the weights' copy last taken (snapshot_params, collect)
+        # Whether a pass records only inside the model's own call (None: not seen yet), and whether this pass's hooks
+        # are finding out: learned from the first pass that records anything with the kernel's Replay as the hook.
+        self.inside_only: bool | None = None
+        self._learning = False
         self._trainable_now: tuple[Any, Any] = (None, None)  # the parameters' state last seen, its set
         self._reset()
 
@@ -775,27 +784,40 @@ class Recorder:
         # A process-wide forward hook (with a pre-hook where the call stack is tracked) hands each call to the
         # watched module's own hook: registering it costs a few microseconds where a hook per module cost a
         # hundred. The hooks are made on the first attach and kept (a Monitor attaches every sample).
+        # Where the kernel's Replay is the hook and a pass has been seen recording only inside the model's own call,
+        # the kernel's Watch hands it the watched modules' calls instead (see _kernel.c): no process-wide hook.
         track_stack = self.functions or self.trace_all
         replay = getattr(_kernel, "Replay", None)
-        key = ("attach", track_stack, replay)
+        self._learning = False
+        key = ("attach", track_stack, replay, bool(self.inside_only))
         if key not in self._cache:
-            self._cache[key] = self._hooks(track_stack, replay)
-        hook, before, replayed = self._cache[key]
+            self._cache[key] = self._hooks(track_stack, replay, bool(self.inside_only))
+        hook, before, replayed, watch = self._cache[key]
         if before is not None:
             self._handles.append(register_module_forward_pre_hook(before))
         if track_stack:  # (the model's own calls counted, to know when a pass ends)
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
-        if replayed:  # (the kernel's Replay does `_root_post`'s work too: one hook fewer to register and call)
+        if watch is not None:
+            self._handles += [self.model.register_forward_pre_hook(watch),
+                              self.model.register_forward_hook(watch.leave, always_call=True),
+                              self.model.register_forward_hook(hook, with_kwargs=True, always_call=True)]
+        elif replayed:  # (the kernel's Replay does `_root_post`'s work too: one hook fewer to register and call)
             self._handles.append(register_module_forward_hook(hook, with_kwargs=True, always_call=True))
+            self._learning = self.inside_only is None
+            if self._learning:  # (until a pass has shown whether it records only inside the model's own call)
+                self._handles += [self.model.register_forward_pre_hook(self._model_entered),
+                                  self.model.register_forward_hook(self._model_left, always_call=True)]
         else:
             self._handles.append(register_module_forward_hook(hook, always_call=True))
             self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True,
                                                                   always_call=True))
 
-    def _hooks(self, track_stack: bool, replay: Any
-               ) -> tuple[Callable[..., None], Callable[..., None] | None, bool]:
-        """For `attach`: the process-wide forward hook, the pre-hook where the call stack is tracked, and whether
-        the forward hook is the kernel's Replay."""
+    def _hooks(self, track_stack: bool, replay: Any, inside: bool
+               ) -> tuple[Callable[..., None], Callable[..., None] | None, bool, Any]:
+        """For `attach`: the process-wide forward hook, the pre-hook where the call stack is tracked, whether the
+        forward hook is the kernel's Replay, and (`inside`: the passes record only inside the model's own call) the
+        kernel's Watch that hands the Replay the modules' calls instead, where each module's forward is a plain
+        function of its class (an instance forward can stand in for it)."""
         table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
         pushed: dict[int, nn.Module] = {}
         for name, module in self.model.named_modules():
@@ -837,9 +859,15 @@ class Recorder:
         # Where the kernel is built and no call stack is tracked, its Replay does `after`'s common case in C (the
         # same steps, less interpreter), handing everything else to `after`.
         if replay is None or pushed:
-            return after, before if pushed else None, False
-        return replay(self, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, after,
-                      _LINEAR, self.model, collections.OrderedDict), None, True
+            return after, before if pushed else None, False, None
+        hook = replay(self, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, after,
+                      _LINEAR, self.model, collections.OrderedDict)
+        modules = tuple(m for m, _, _, _ in table.values() if m is not self.model)
+        watch = getattr(_kernel, "Watch", None)
+        if inside and watch is not None and all(
+                isinstance(inspect.getattr_static(type(m), "forward", None), types.FunctionType) for m in modules):
+            return hook, None, True, watch(modules, hook)
+        return hook, None, True, None
 
     def detach(self) -> None:
         for h in self._handles:
@@ -852,6 +880,18 @@ class Recorder:
         if self._watcher is not None:
             watcher, self._watcher = self._watcher, None
             watcher.__exit__(None, None, None)
+
+    def _model_entered(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """The model called, while it is not known whether passes record only inside its own call."""
+        if self._model_depth == 0 and len(self._specs) != self._records_inside:
+            self._outside = True  # records made between the model's calls
+        self._model_depth += 1
+
+    def _model_left(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        self._model_depth -= 1
+        if self._model_depth == 0:
+            self._records_inside = len(self._specs)
+            self._model_calls += 1
 
     # -- per-pass state ----------------------------------------------------------------------------
     def _reset(self) -> None:
@@ -896,6 +936,10 @@ class Recorder:
         self._output_params: list[tuple[str, str]] = []
         self._inputs_finite: torch.Tensor | None = None
         self._root_depth = 0
+        self._model_depth = 0  # (see _model_entered)
+        self._model_calls = 0
+        self._records_inside = 0
+        self._outside = False
 
     # -- hooks -------------------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -1376,6 +1420,12 @@ class Recorder:
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
                            self._mode_events, self._bn_batches, self._bias_before_norm),
         )
+        if self._learning and self._specs:
+            self.inside_only = self._model_calls > 0 and not self._outside and self._records_inside == len(self._specs)
+            self._learning = False
+            if self.inside_only and self.attached:  # (the next pass watched without the process-wide hook)
+                self.detach()
+                self.attach()
         self._reset()
         if snapshot:
             self.snapshot_params()

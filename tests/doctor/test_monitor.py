@@ -1,6 +1,8 @@
 """Monitor in a training loop: bit-identical training, sampled statistics, findings and plots."""
 
+import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -600,3 +602,94 @@ def test_a_nan_in_the_inputs_is_reported_with_the_replay_in_c_or_in_python(repla
     report = mon.report()
     assert [f.where for f in report.findings if f.code == "nonfinite"][:1] == ["input"]
     assert (report.stats.output_name, report.stats.output_shape) == ("out", (16, 3))
+
+
+class _Parts(nn.Module):
+    """A body and a head, and an extra head that a loop may call outside the model's own call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.Tanh())
+        self.head = nn.Linear(64, 27)
+        self.aux = nn.Sequential(nn.Linear(64, 8), nn.Tanh())
+        self.fail = False
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.fail:
+            raise RuntimeError("a forward that raises")
+        return self.head(h)
+
+
+def _train_parts(model, how, steps=5, every=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    armed = []
+    with nnvitals.Monitor(model, every=every) as mon:
+        for _ in range(steps):
+            x, y = torch.randint(0, 27, (16, 3), generator=g), torch.randint(0, 27, (16,), generator=g)
+            if how == "parts":  # the model itself never called
+                logits = model.head(model.body(x))
+                loss = nn.functional.cross_entropy(logits, y)
+            else:
+                loss = nn.functional.cross_entropy(model(x), y)
+                if how == "model and aux":
+                    loss = loss + model.aux(model.body(x)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+            armed.append(bool(torch.nn.modules.module._global_forward_hooks))
+    return mon, armed
+
+
+def _no_instance_forward(model):
+    return all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["model", "parts", "model and aux"])
+def test_each_sample_records_every_layer_however_the_loop_calls_them(how):
+    """Once a sample has shown that the loop calls the layers only inside the model's own call, the Monitor watches
+    them without a process-wide hook (other models in the process are not slowed); layers called outside that call
+    keep the process-wide hook, so they are recorded on every sample all the same. Between steps no module carries
+    anything of the Monitor's (the model can be copied and pickled)."""
+    model = _Parts()
+    mon, armed = _train_parts(model, how)
+    wanted = {"body.0", "body.2", "body.3", "head"} | ({"aux.0", "aux.1"} if how == "model and aux" else set())
+    for row in mon.history:
+        assert set(row["layers"]) >= wanted, row["step"]
+        assert all(row["layers"][name]["grad_std"] for name in wanted)
+    if probes._kernel is not None:
+        assert armed[-1] == (how != "model")  # armed for the next step: process-wide only where it must be
+    assert _no_instance_forward(model)
+    copy.deepcopy(model)
+    pickle.dumps(model)
+
+
+def test_a_forward_that_raises_leaves_the_modules_as_they_were():
+    """An exception in the model's forward on a sampled step, watched module by module, reaches the caller and
+    leaves every module as it was (a forward the user set on an instance included); the next sample still records
+    the model's layers, through the user's own forward where there is one."""
+    model = _Parts()
+    calls = []
+
+    def own_forward(x, _head=model.head):
+        calls.append(len(x))
+        return nn.Linear.forward(_head, x)
+
+    model.head.forward = own_forward
+    mon, _ = _train_parts(model, "model", steps=3)
+    with mon:
+        model.fail = True
+        with pytest.raises(RuntimeError, match="a forward that raises"):
+            model(torch.zeros(4, 3, dtype=torch.long))
+        assert vars(model.head)["forward"] is own_forward
+        assert all("forward" not in vars(m) for m in model.modules() if m is not model.head)
+        model.fail = False
+        before = len(mon.history)
+        x, y = torch.randint(0, 27, (16, 3)), torch.randint(0, 27, (16,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        mon.step()
+    assert len(mon.history) == before + 1 and {"body.2", "head"} <= set(mon.history[-1]["layers"])
+    assert calls == [16] * 4  # three steps and the last one (the failed call raised before the head)
