@@ -63,10 +63,12 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class OwnRounds:
-    """A Monitor that takes its steps only in its own rounds. Its hooks are process-wide: armed for its next
-    sampled step, they would also run on every module call of the runs timed in between (three armed Monitors
-    cost a plain step 8-9%: `--foreign-hooks`). Paused between its rounds (untimed, and only when armed), they do
-    not; `pause()` keeps the weights' copy for the next update."""
+    """A Monitor that takes its steps only in its own rounds. Some of its hooks are process-wide (its forward hook
+    until a sample has shown that the model's layers are called only inside the model's call, and the optimizer
+    pre-hook that copies the weights): armed for its next sampled step, they would also run on the runs timed in
+    between (three armed Monitors, one of them still learning, cost a plain step 7-9%: `--foreign-hooks`). Paused
+    between its rounds (untimed, and only when armed), they do not; `pause()` keeps the weights' copy for the next
+    update."""
 
     def __init__(self, monitor: Any):
         self.monitor, self.paused = monitor, False
