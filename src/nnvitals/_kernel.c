@@ -1116,7 +1116,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-/* Bumped whenever item_t or reduce() change: probes.py ignores a build left from another version. */
+/* Bumped whenever item_t, reduce() or the types change: probes.py ignores a build left from another version. */
 #define KERNEL_VERSION 13
 
 PyMODINIT_FUNC PyInit__kernel(void) {
