@@ -881,16 +881,20 @@ class Recorder:
             watcher, self._watcher = self._watcher, None
             watcher.__exit__(None, None, None)
 
+    def _seen(self) -> int:
+        """What this pass has seen so far: its records, and the modes reported (an inference call makes no record)."""
+        return len(self._specs) + len(self._mode_events)
+
     def _model_entered(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """The model called, while it is not known whether passes record only inside its own call."""
-        if self._model_depth == 0 and len(self._specs) != self._records_inside:
+        if self._model_depth == 0 and self._seen() != self._records_inside:
             self._outside = True  # records made between the model's calls
         self._model_depth += 1
 
     def _model_left(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         self._model_depth -= 1
         if self._model_depth == 0:
-            self._records_inside = len(self._specs)
+            self._records_inside = self._seen()
             self._model_calls += 1
 
     # -- per-pass state ----------------------------------------------------------------------------
@@ -1421,7 +1425,7 @@ class Recorder:
                            self._mode_events, self._bn_batches, self._bias_before_norm),
         )
         if self._learning and self._specs:
-            self.inside_only = self._model_calls > 0 and not self._outside and self._records_inside == len(self._specs)
+            self.inside_only = self._model_calls > 0 and not self._outside and self._records_inside == self._seen()
             self._learning = False
             if self.inside_only and self.attached:  # (the next pass watched without the process-wide hook)
                 self.detach()

@@ -103,14 +103,23 @@ def test_monitor_update_ratio_finding_for_a_huge_learning_rate():
     assert any(f.code == "update-ratio" and "too large" in f.message for f in mon.findings())
 
 
-def test_monitor_sees_inference_with_batchnorm_in_train_mode():
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("called", ["the model", "a BatchNorm on its own"])
+def test_monitor_sees_inference_with_batchnorm_in_train_mode(called, steps):
+    """On the first sample and on later ones, watched module by module or by the process-wide hook: an inference
+    call with a BatchNorm in train mode is reported, through the model or straight to the layer."""
     model, x, y = M.healthy_deep_tanh()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with nnvitals.Monitor(model, every=1) as mon:
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        with torch.no_grad():
-            model(x)  # evaluation forgot model.eval()
-        mon.step(loss)
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # evaluation forgot model.eval()
+                model(x) if called == "the model" else bn(torch.randn(8, bn.num_features))
+            mon.step(loss)
     f = next(f for f in mon.findings() if f.code == "train-eval-mode")
     assert "no_grad" in f.message and "model.eval()" in f.fix
 
