@@ -789,15 +789,15 @@ class Recorder:
         track_stack = self.functions or self.trace_all
         replay = getattr(_kernel, "Replay", None)
         self._learning = False
-        key = ("attach", track_stack, replay, bool(self.inside_only))
+        key = ("attach", track_stack, replay)
         if key not in self._cache:
-            self._cache[key] = self._hooks(track_stack, replay, bool(self.inside_only))
+            self._cache[key] = self._hooks(track_stack, replay)
         hook, before, replayed, watch = self._cache[key]
         if before is not None:
             self._handles.append(register_module_forward_pre_hook(before))
         if track_stack:  # (the model's own calls counted, to know when a pass ends)
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
-        if watch is not None:
+        if watch is not None and self.inside_only:
             self._handles += [self.model.register_forward_pre_hook(watch),
                               self.model.register_forward_hook(watch.leave, always_call=True),
                               self.model.register_forward_hook(hook, with_kwargs=True, always_call=True)]
@@ -812,12 +812,12 @@ class Recorder:
             self._handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True,
                                                                   always_call=True))
 
-    def _hooks(self, track_stack: bool, replay: Any, inside: bool
+    def _hooks(self, track_stack: bool, replay: Any
                ) -> tuple[Callable[..., None], Callable[..., None] | None, bool, Any]:
         """For `attach`: the process-wide forward hook, the pre-hook where the call stack is tracked, whether the
-        forward hook is the kernel's Replay, and (`inside`: the passes record only inside the model's own call) the
-        kernel's Watch that hands the Replay the modules' calls instead, where each module's forward is a plain
-        function of its class (an instance forward can stand in for it)."""
+        forward hook is the kernel's Replay, and the kernel's Watch that can hand the Replay the modules' calls
+        instead (where each module's forward is a plain function of its class, which an instance forward can stand
+        in for; None elsewhere)."""
         table: dict[int, tuple[nn.Module, Callable[..., None], str, bool]] = {}
         pushed: dict[int, nn.Module] = {}
         for name, module in self.model.named_modules():
@@ -864,7 +864,7 @@ class Recorder:
                       _LINEAR, self.model, collections.OrderedDict)
         modules = tuple(m for m, _, _, _ in table.values() if m is not self.model)
         watch = getattr(_kernel, "Watch", None)
-        if inside and watch is not None and all(
+        if watch is not None and all(
                 isinstance(inspect.getattr_static(type(m), "forward", None), types.FunctionType) for m in modules):
             return hook, None, True, watch(modules, hook)
         return hook, None, True, None
