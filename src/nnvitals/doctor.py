@@ -20,7 +20,17 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from nnvitals import numbers
 from nnvitals.checks import UPDATE_RATIO_WINDOW, Evidence, Finding, OutputFix, diagnose, worst
 from nnvitals.integrations import tensorboard as tensorboard_output
-from nnvitals.probes import LayerStats, ParamStats, PassStats, RawPass, Recorder, Snapshot, is_main_process, world_size
+from nnvitals.probes import (
+    HookSet,
+    LayerStats,
+    ParamStats,
+    PassStats,
+    RawPass,
+    Recorder,
+    Snapshot,
+    is_main_process,
+    world_size,
+)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 # The what-if fix for an over-confident output scales the logits by the power of ten that brings their std
@@ -288,7 +298,8 @@ class Monitor:
         # at the step before costs that step a pass over all weights and pushes the run's data out of the caches.
         self._late_copy = False  # whether an optimizer of the model was seen stepping on the last sampled step
         self._stepped = False  # whether one has stepped since the hook below was registered
-        self._optimizer_hook: Any = None  # the process-wide optimizer pre-hook, registered while armed
+        self._optimizer_hook: HookSet | None = None  # the process-wide optimizer pre-hook, made on first use
+        self._watching_optimizers = False  # whether it is in place (while a sample is armed)
         self._start_loss: Any = None
         self._functions_checked = False
         self._entered = False
@@ -332,12 +343,18 @@ class Monitor:
 
     def _watch_optimizers(self, on: bool) -> None:
         """Register (or remove) the process-wide hook that copies the weights as an optimizer is about to step."""
-        if on and self._optimizer_hook is None:
-            self._stepped = False
-            self._optimizer_hook = register_optimizer_step_pre_hook(self._optimizer_stepping)
-        elif not on and self._optimizer_hook is not None:
+        if on == self._watching_optimizers:
+            return
+        self._watching_optimizers = on
+        if not on:
+            assert self._optimizer_hook is not None
             self._optimizer_hook.remove()
-            self._optimizer_hook = None
+            return
+        self._stepped = False
+        if self._optimizer_hook is None:
+            self._optimizer_hook = HookSet([register_optimizer_step_pre_hook(self._optimizer_stepping)])
+        else:
+            self._optimizer_hook.insert()
 
     def _optimizer_stepping(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """An optimizer is about to step: if it holds some of the model's parameters, the first time in the step
@@ -382,7 +399,7 @@ class Monitor:
         if recorder.attached and self.steps % self.every == 0:
             next_sampled = self.sampled(self.steps + 1)
             raw = recorder.collect(before=self._before, snapshot=next_sampled)
-            if self._optimizer_hook is not None:  # learned: where to copy the weights for the next sample
+            if self._watching_optimizers:  # learned: where to copy the weights for the next sample
                 self._late_copy = self._stepped
                 self._watch_optimizers(False)
             before = recorder.snapshot if next_sampled else None
