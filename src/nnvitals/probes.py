@@ -762,6 +762,23 @@ class HookSet:
             d.pop(key, None)
 
 
+@dataclass
+class _Steady:
+    """What `Recorder._collect_steady` needs of the pass before: its records (the next pass's template), how many,
+    its parameters and whether their updates and copy were measured, and its worked-out layout."""
+
+    entries: list[Any]
+    count: int
+    trainable: _Trainable
+    updates: bool
+    copy: bool
+    layout: _Layout
+    out_order: list[int]
+    grad_order: list[int]
+    names: list[str]
+    plan: list[tuple[str, list[int]]]
+
+
 class Recorder:
     """Hooks on one model that measure its layers during a pass; `collect()` returns a `RawPass`.
 
@@ -791,6 +808,7 @@ class Recorder:
         self.inside_only: bool | None = None
         self._learning = False
         self._trainable_now: tuple[Any, Any] = (None, None)  # the parameters' state last seen, its set
+        self._steady: _Steady | None = None  # the last pass, where the next one can repeat it (see _collect_steady)
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -1255,12 +1273,12 @@ class Recorder:
         return torch.cat(parts)
 
     def _reduce_on_cpu(self, specs: Sequence[_Spec], grads: Sequence[torch.Tensor | None],
-                       ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None, snapshot: bool
-                       ) -> tuple[np.ndarray, int]:
+                       ready: Sequence[torch.Tensor | None], t: _Trainable, before: Snapshot | None, snapshot: bool,
+                       steady: bool = False) -> tuple[np.ndarray, int]:
         """By the kernel in one call, the slots of _reduce_outputs (the outputs still buffered), _reduce_grads
         (these gradients) and _reduce_params, one after the other, and with `snapshot` the weights' copy last
         (after the updates have read the one it replaces); and where the parameters' slots begin (the slots
-        before them are what processes add up)."""
+        before them are what processes add up). `steady`: a pass the next one can repeat (see _collect_steady)."""
         outs = self._outs
         out_specs: list[_Spec] = []
         plan = None
@@ -1283,6 +1301,9 @@ class Recorder:
             xs += t.w
         block, maps = layout.run(xs, t.copy_block() if updates or copy else None)
         self._maps.extend(zip(names, maps, strict=True))
+        if steady and plan is not None:
+            self._steady = _Steady(self._entries, len(specs), t, updates, copy, layout, out_order, grad_order, names,
+                                   plan)
         for i, b in blocks.items():
             block[starts[i]:starts[i] + b.numel()] = b.numpy()
         return block, split
@@ -1369,6 +1390,11 @@ class Recorder:
         so that a training loop pays for the device work and the transfer, not for the bookkeeping.
         `before`: a `snapshot_params()` taken before the optimizer step. `snapshot`: then take the next one
         (`self.snapshot`), on the CPU in the same kernel call."""
+        if self._steady is not None:
+            raw = self._collect_steady(self._steady, before, lr, snapshot)
+            if raw is not None:
+                return raw
+            self._steady = None
         # A gradient is read only if its output was not changed in place afterwards (it would then be the
         # gradient of something else).
         outs = self._grad_outs
@@ -1409,7 +1435,9 @@ class Recorder:
             flags.append(self._inputs_finite)
         host: np.ndarray | None = None
         if trainable.by_kernel and _on_cpu(self._outs) and _on_cpu(grad_list):
-            block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before, snapshot)
+            steady = taken is not None and len(grad_index) == len(self._outs) == len(self._specs) \
+                and not (self._partials or self._stale or flags or self._learning) and world == 1
+            block, split = self._reduce_on_cpu(grad_specs, grad_list, ready_list, trainable, before, snapshot, steady)
             if snapshot:
                 self.snapshot = Snapshot(trainable, block=trainable.copy_block())
                 snapshot = False
@@ -1441,16 +1469,7 @@ class Recorder:
             device = parts[0].device if parts else None
             host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
                 else np.zeros(0, np.float32)
-        raw = RawPass(
-            host=host, chunks=self._chunks, grads=grad_index,
-            params=trainable.described, has_grad=list(map(operator.is_not, map(_GRAD, trainable.params), repeat(None))),
-            weights=trainable.weights, updates_measured=before is not None, lr=lr,
-            maps=self._maps, finite_flags=[n for n, _, _ in self._finite_flags] if self._finite_flags else [],
-            grad_flags=[n for n, _ in self._grad_flags] if self._grad_flags else [], consumers=self._consumers,
-            inputs_checked=self._inputs_finite is not None, world=world, stale=self._stale,
-            base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
-                           self._mode_events, self._bn_batches, self._bias_before_norm),
-        )
+        raw = self._raw_pass(host, grad_index, trainable, before is not None, lr, world)
         if self._learning and self._specs:
             self.inside_only = self._model_calls > 0 and not self._outside and self._records_inside == self._seen()
             self._learning = False
@@ -1462,9 +1481,56 @@ class Recorder:
             self.snapshot_params()
         return raw
 
+    def _raw_pass(self, host: np.ndarray, grad_index: list[int], t: _Trainable, updates: bool, lr: float | None,
+                  world: int) -> RawPass:
+        """The pass's RawPass: the numbers and what is needed to read them."""
+        return RawPass(
+            host=host, chunks=self._chunks, grads=grad_index,
+            params=t.described, has_grad=list(map(operator.is_not, map(_GRAD, t.params), repeat(None))),
+            weights=t.weights, updates_measured=updates, lr=lr,
+            maps=self._maps, finite_flags=[n for n, _, _ in self._finite_flags] if self._finite_flags else [],
+            grad_flags=[n for n, _ in self._grad_flags] if self._grad_flags else [], consumers=self._consumers,
+            inputs_checked=self._inputs_finite is not None, world=world, stale=self._stale,
+            base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
+                           self._mode_events, self._bn_batches, self._bias_before_norm),
+        )
+
+    def _collect_steady(self, steady: _Steady, before: Snapshot | None, lr: float | None, snapshot: bool
+                        ) -> RawPass | None:
+        """collect() for a pass that made the same records as the last one, on the CPU, alone, with every output's
+        gradient and nothing else to check: the last pass's layout filled in again, with none of the working out.
+        None (nothing taken) for any other pass."""
+        t = self._trainable()
+        n = steady.count
+        updates = before is not None and before.trainable is t and before.block is not None
+        if self._template is not steady.entries or t is not steady.trainable or updates != steady.updates \
+                or (snapshot and bool(t.w)) != steady.copy or self._matched != n or len(self._specs) != n \
+                or len(self._outs) != n or len(self._grad_at) != n or self._partials or self._stale \
+                or self._grad_hooked or self._finite_flags or self._grad_flags or self._learning \
+                or self._inputs_finite is not None or world_size() != 1 or not _on_cpu(self._outs) \
+                or (self._unprotected and not _as_recorded(self._unprotected)):
+            return None
+        grads = _take_grads(self._grad_cells, self._grad_outs, self._grad_versions)
+        if grads is None:
+            return None
+        outs = self._outs
+        xs = [*map(outs.__getitem__, steady.out_order), *map(grads.__getitem__, steady.grad_order), *t.tensors()]
+        if steady.copy and not steady.updates:
+            xs += t.w
+        host, maps = steady.layout.run(xs, t.copy_block() if steady.updates or steady.copy else None)
+        self._chunks.append((self._specs, steady.plan))
+        self._maps.extend(zip(steady.names, maps, strict=True))
+        raw = self._raw_pass(host, self._grad_at, t, steady.updates, lr, 1)
+        self._reset()
+        steady.entries = self._template  # (this pass's records, the same as the last one's)
+        if snapshot:
+            self.snapshot = Snapshot(t, block=t.copy_block())
+        return raw
+
 
 @dataclass
 class RawPass:
+
     """One pass's numbers as they came off the device, and what is needed to read them."""
 
     host: np.ndarray

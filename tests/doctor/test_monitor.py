@@ -576,6 +576,55 @@ def test_the_replay_in_c_records_what_the_python_one_does(monkeypatch):
         assert in_c[2] == ("out", (32, 27), [("out.bias", "zero"), ("out.weight", "scale")])
 
 
+def test_a_pass_like_the_last_one_gets_the_numbers_of_one_worked_out_afresh(monkeypatch):
+    """A sampled pass that made the same records as the last one is collected with the last one's layout
+    (`Recorder._collect_steady`); its history is the same number for number as when every pass is worked out
+    afresh, through a BatchNorm put in eval mode and a smaller batch midway, at every step and every 2nd; the pass
+    with the smaller batch is worked out afresh. (A pass where some output was changed in place, by an in-place ReLU
+    say, always is: its gradient is not taken as it came.)"""
+    if probes._kernel is None:
+        pytest.skip("the compiled kernel is not built")
+
+    def history(every, steady):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(27, 10), nn.Flatten(), nn.Linear(30, 64), nn.BatchNorm1d(64), nn.Tanh(),
+                              nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 27))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        used = {}  # sampled step -> whether it was collected with the last pass's layout
+        collect_steady = probes.Recorder._collect_steady
+
+        def counted(self, *args):
+            raw = collect_steady(self, *args) if steady else None
+            used[step] = raw is not None
+            return raw
+
+        monkeypatch.setattr(probes.Recorder, "_collect_steady", counted)
+        with nnvitals.Monitor(model, every=every) as mon:
+            for step in range(12):
+                if step == 6:
+                    model[3].eval()
+                batch = 16 if step >= 9 else 32
+                x, y = torch.randint(0, 27, (batch, 3), generator=g), torch.randint(0, 27, (batch,), generator=g)
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mon.step(loss)
+        monkeypatch.undo()
+        return mon.history, [f.code for f in mon.findings()], used
+
+    for every in (1, 2):
+        repeated, afresh = history(every, True), history(every, False)
+        assert repeated[:2] == afresh[:2]
+        assert all(row["params"]["7.weight"]["update_ratio"] is not None for row in repeated[0])
+        assert "train-eval-mode" in repeated[1]
+        used = repeated[2]
+        assert sum(used.values()) >= (6 if every == 1 else 2), used
+        assert used[9 if every == 1 else 10] is False  # (the first sample with the smaller batch)
+        assert used.get(6) is True and used.get(11, True) is True  # (in eval mode; the second with the smaller one)
+
+
 class _Scaled(nn.Module):
     """Float inputs, passed by keyword."""
 
