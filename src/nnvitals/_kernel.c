@@ -433,6 +433,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *recorder, *table, *tensor, *grad_enabled, *stack_limit, *flush_limit, *fallback, *linear, *root,
         *ordered_dict;
+    PyObject *fields; /* the recorder's __dict__ */
 } replay_t;
 
 static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_numel, *s_protected,
@@ -442,17 +443,33 @@ static PyObject *s_specs, *s_matched, *s_template, *s_producers, *s_shape, *s_nu
     *s_output_params, *s_trace_all, *s_cache, *s_root_post, *s_append, *s_backward_hooks, *s_grad_fn, *s_nnvitals,
     *s_register_hook_dict, *s_register_hook;
 
+/* The Replay holds its recorder, which holds it (in its cache): a cycle the garbage collector must see through. */
+#define REPLAY_FIELDS(DO)                                                                                               \
+    DO(self->recorder);                                                                                                \
+    DO(self->table);                                                                                                   \
+    DO(self->tensor);                                                                                                  \
+    DO(self->grad_enabled);                                                                                            \
+    DO(self->stack_limit);                                                                                             \
+    DO(self->flush_limit);                                                                                             \
+    DO(self->fallback);                                                                                                \
+    DO(self->linear);                                                                                                  \
+    DO(self->root);                                                                                                    \
+    DO(self->ordered_dict);                                                                                            \
+    DO(self->fields)
+
+static int replay_traverse(replay_t *self, visitproc visit, void *arg) {
+    REPLAY_FIELDS(Py_VISIT);
+    return 0;
+}
+
+static int replay_clear(replay_t *self) {
+    REPLAY_FIELDS(Py_CLEAR);
+    return 0;
+}
+
 static void replay_dealloc(replay_t *self) {
-    Py_XDECREF(self->recorder);
-    Py_XDECREF(self->table);
-    Py_XDECREF(self->tensor);
-    Py_XDECREF(self->grad_enabled);
-    Py_XDECREF(self->stack_limit);
-    Py_XDECREF(self->flush_limit);
-    Py_XDECREF(self->fallback);
-    Py_XDECREF(self->linear);
-    Py_XDECREF(self->root);
-    Py_XDECREF(self->ordered_dict);
+    PyObject_GC_UnTrack(self);
+    replay_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -474,11 +491,37 @@ static PyObject *replay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     self->recorder = recorder, self->table = table, self->tensor = tensor, self->grad_enabled = grad_enabled;
     self->stack_limit = stack_limit, self->flush_limit = flush_limit, self->fallback = fallback;
     self->linear = linear, self->root = root, self->ordered_dict = ordered_dict;
+    self->fields = PyObject_GenericGetDict(recorder, NULL);
+    if (self->fields == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
 /* an attribute as a new reference (released at `done`), or NULL with an exception set */
 #define GET(obj, name) PyObject_GetAttr((obj), (name))
+
+/* A field of one of probes' own plain objects (the Recorder, a _Spec), read from the instance's dict without the type
+ * lookup a generic getattr makes first (neither class defines a descriptor for these names); a new reference, or NULL
+ * with an exception set. */
+static PyObject *in_dict(PyObject *dict, PyObject *obj, PyObject *name) {
+    PyObject *v = PyDict_GetItemWithError(dict, name);
+    Py_XINCREF(v);
+    return v != NULL || PyErr_Occurred() ? v : PyObject_GetAttr(obj, name); /* (else: a class attribute, or the error) */
+}
+
+static PyObject *field(PyObject *obj, PyObject *name) {
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) return NULL;
+    PyObject *v = in_dict(dict, obj, name);
+    Py_DECREF(dict);
+    return v;
+}
+
+/* The recorder's fields, through the dict the Replay keeps of it */
+#define REC(name) in_dict(self->fields, self->recorder, (name))
+#define SET_REC(name, value) PyDict_SetItem(self->fields, (name), (value))
 
 /* A list autograd will append the output's gradient to, as probes._grad_cell makes it: a C++ hook on its grad_fn
  * where nnvitals._autograd lends one; else a hook in a new hooks dict of the output, registered with its grad_fn as
@@ -543,7 +586,7 @@ static int replay_batchnorm(replay_t *self, PyObject *entry, PyObject *spec, PyO
         Py_XDECREF(r);
         return r == NULL ? -1 : 0;
     }
-    PyObject *name = PyTuple_GET_ITEM(entry, 2), *batches = GET(rec, s_bn_batches);
+    PyObject *name = PyTuple_GET_ITEM(entry, 2), *batches = REC(s_bn_batches);
     int failed = batches == NULL || PyDict_SetItem(batches, name, PyTuple_GET_ITEM(shape, 0)) < 0;
     Py_XDECREF(batches);
     if (failed || prod == NULL) return failed ? -1 : 0;
@@ -555,7 +598,7 @@ static int replay_batchnorm(replay_t *self, PyObject *entry, PyObject *spec, PyO
     PyObject *bias = PyDict_Check(params) ? PyDict_GetItemWithError(params, s_bias) : NULL; /* borrowed */
     failed = bias == NULL && PyErr_Occurred();
     if (!failed && bias != NULL && bias != Py_None) {
-        PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(prod, 1), name), *found = GET(rec, s_bias_before_norm);
+        PyObject *pair = PyTuple_Pack(2, PyTuple_GET_ITEM(prod, 1), name), *found = REC(s_bias_before_norm);
         failed = pair == NULL || found == NULL || PyList_Append(found, pair) < 0;
         Py_XDECREF(pair);
         Py_XDECREF(found);
@@ -571,9 +614,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     PyObject *specs = NULL, *matched = NULL, *template = NULL, *producers = NULL, *shape = NULL, *enabled = NULL,
              *prod = NULL, *numel = NULL, *protected_ = NULL, *copy = NULL, *version = NULL,
              *needs = NULL, *pending = NULL, *total = NULL, *items = NULL;
-    specs = GET(rec, s_specs);
-    matched = GET(rec, s_matched);
-    template = GET(rec, s_template);
+    specs = REC(s_specs);
+    matched = REC(s_matched);
+    template = REC(s_template);
     if (specs == NULL || matched == NULL || template == NULL) goto done;
     const Py_ssize_t index = PyList_GET_SIZE(specs);
     if (!PyList_Check(template) || PyLong_AsSsize_t(matched) != index || index >= PyList_GET_SIZE(template) ||
@@ -588,9 +631,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     }
     PyObject *spec = PyTuple_GET_ITEM(then, 1), *x_from = PyTuple_GET_ITEM(then, 3);
     PyObject *x = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
-    producers = GET(rec, s_producers);
+    producers = REC(s_producers);
     shape = GET(out, s_shape);
-    PyObject *spec_shape = shape != NULL ? GET(spec, s_shape) : NULL;
+    PyObject *spec_shape = shape != NULL ? field(spec, s_shape) : NULL;
     if (producers == NULL || spec_shape == NULL) goto done;
     const int same_shape = PyObject_RichCompareBool(shape, spec_shape, Py_EQ);
     Py_DECREF(spec_shape);
@@ -606,9 +649,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     }
     /* What the Python side does itself: a copy of an output seen changed in place, a large or traced output,
      * a BatchNorm's checks (its mode, batch size and the bias before it). */
-    numel = GET(spec, s_numel);
-    protected_ = GET(spec, s_protected);
-    copy = GET(spec, s_copy);
+    numel = field(spec, s_numel);
+    protected_ = field(spec, s_protected);
+    copy = field(spec, s_copy);
     if (numel == NULL || protected_ == NULL || copy == NULL) goto done;
     const int large = PyObject_RichCompareBool(numel, self->stack_limit, Py_GE);
     if (large < 0) goto done;
@@ -621,13 +664,13 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
         goto done;
     /* keep it: as Recorder._keep does */
     PyObject *new_matched = PyLong_FromSsize_t(index + 1);
-    if (new_matched == NULL || PyObject_SetAttr(rec, s_matched, new_matched) < 0) {
+    if (new_matched == NULL || SET_REC(s_matched, new_matched) < 0) {
         Py_XDECREF(new_matched);
         goto done;
     }
     Py_DECREF(new_matched);
     if (PyList_Append(specs, spec) < 0) goto done;
-    items = GET(rec, s_entries);
+    items = REC(s_entries);
     if (items == NULL || PyList_Append(items, then) < 0) goto done;
     Py_CLEAR(items);
     version = GET(out, s_version);
@@ -636,17 +679,17 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
         Py_XDECREF(position);
         goto done;
     }
-    items = GET(rec, s_outs);
+    items = REC(s_outs);
     int failed = items == NULL || PyList_Append(items, out) < 0;
     Py_CLEAR(items);
     if (!failed && protected_ != Py_True) {
         PyObject *row = PyTuple_Pack(4, position, out, version, Py_False);
-        items = GET(rec, s_unprotected);
+        items = REC(s_unprotected);
         failed = row == NULL || items == NULL || PyList_Append(items, row) < 0;
         Py_XDECREF(row);
         Py_CLEAR(items);
     }
-    PyObject *name = failed ? NULL : GET(spec, s_name);
+    PyObject *name = failed ? NULL : field(spec, s_name);
     PyObject *made = name != NULL ? PyTuple_Pack(4, out, name, module, position) : NULL;
     Py_XDECREF(name);
     PyObject *out_key = made != NULL ? PyLong_FromVoidPtr(out) : NULL;
@@ -663,7 +706,7 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
         PyObject *lists[4] = {s_grad_outs, s_grad_cells, s_grad_at, s_grad_versions},
                  *values[4] = {out, cell, position, version};
         for (int i = 0; i < 4 && !failed; i++) {
-            items = GET(rec, lists[i]);
+            items = REC(lists[i]);
             failed = items == NULL || PyList_Append(items, values[i]) < 0;
             Py_CLEAR(items);
         }
@@ -671,9 +714,9 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     }
     Py_DECREF(position);
     if (failed) goto done;
-    pending = GET(rec, s_pending);
+    pending = REC(s_pending);
     total = pending != NULL ? PyNumber_Add(pending, numel) : NULL;
-    if (total == NULL || PyObject_SetAttr(rec, s_pending, total) < 0) goto done;
+    if (total == NULL || SET_REC(s_pending, total) < 0) goto done;
     const int over = PyObject_RichCompareBool(total, self->flush_limit, Py_GT);
     if (over < 0) goto done;
     if (over) {
@@ -703,7 +746,6 @@ done:
  * checked for NaN/Inf with torch ops) and the output's layer parameters are known: 0; 1 where that method is
  * needed; -1 with an exception set. */
 static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, PyObject *out) {
-    PyObject *rec = self->recorder;
     PyObject *values = call_kwargs != NULL ? PyDict_Values(call_kwargs) : NULL;
     if (call_kwargs != NULL && values == NULL) return -1;
     int result = 0;
@@ -725,7 +767,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
     const int grad = enabled == Py_True;
     Py_DECREF(enabled);
     if (!grad || !PyObject_TypeCheck(out, (PyTypeObject *)self->tensor)) return 0;
-    PyObject *known = GET(rec, s_output_shape), *traced = known != NULL ? GET(rec, s_trace_all) : NULL;
+    PyObject *known = REC(s_output_shape), *traced = known != NULL ? REC(s_trace_all) : NULL;
     if (traced == NULL) {
         Py_XDECREF(known);
         return -1;
@@ -740,7 +782,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
     PyObject *needs = shape != NULL ? GET(out, s_requires_grad) : NULL, *params = NULL, *name = Py_None;
     if (needs == NULL) goto error;
     if (needs == Py_True) { /* the output layer's parameters, as worked out for this shape before */
-        PyObject *cache = GET(rec, s_cache), *key = Py_BuildValue("(sO)", "output", shape);
+        PyObject *cache = REC(s_cache), *key = Py_BuildValue("(sO)", "output", shape);
         params = cache != NULL && key != NULL ? PyDict_GetItemWithError(cache, key) : NULL; /* borrowed */
         Py_XINCREF(params);
         Py_XDECREF(cache);
@@ -752,7 +794,7 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
             return 1;
         }
     }
-    PyObject *producers = GET(rec, s_producers), *prod = producers != NULL ? producer_of(producers, out) : NULL;
+    PyObject *producers = REC(s_producers), *prod = producers != NULL ? producer_of(producers, out) : NULL;
     if (prod == NULL && PyErr_Occurred()) {
         Py_XDECREF(producers);
         goto error;
@@ -761,8 +803,8 @@ static int replay_root(replay_t *self, PyObject *inputs, PyObject *call_kwargs, 
         name = PyTuple_GET_ITEM(prod, 1);
     Py_INCREF(name);
     Py_XDECREF(producers);
-    int failed = PyObject_SetAttr(rec, s_output_shape, shape) < 0 || PyObject_SetAttr(rec, s_output_name, name) < 0 ||
-                 (params != NULL && PyObject_SetAttr(rec, s_output_params, params) < 0);
+    int failed = SET_REC(s_output_shape, shape) < 0 || SET_REC(s_output_name, name) < 0 ||
+                 (params != NULL && SET_REC(s_output_params, params) < 0);
     Py_DECREF(name);
     Py_XDECREF(params);
     Py_DECREF(needs);
@@ -781,6 +823,7 @@ error:
 static PyObject *replay_call(replay_t *self, PyObject *args, PyObject *kwargs) {
     PyObject *module, *inputs, *third, *fourth = NULL;
     if (kwargs != NULL || !PyArg_UnpackTuple(args, "hook", 3, 4, &module, &inputs, &third, &fourth)) return NULL;
+    if (self->recorder == NULL) Py_RETURN_NONE; /* (cleared by the garbage collector) */
     PyObject *call_kwargs = fourth != NULL ? third : NULL, *out = fourth != NULL ? fourth : third;
     if (!PyTuple_Check(inputs) || (call_kwargs != NULL && !PyDict_Check(call_kwargs))) {
         PyErr_SetString(PyExc_TypeError, "hook(module, args: tuple[, kwargs: dict], output)");
@@ -817,9 +860,11 @@ static PyObject *replay_call(replay_t *self, PyObject *args, PyObject *kwargs) {
 static PyTypeObject replay_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "nnvitals._kernel.Replay",
     .tp_basicsize = sizeof(replay_t),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = replay_new,
     .tp_dealloc = (destructor)replay_dealloc,
+    .tp_traverse = (traverseproc)replay_traverse,
+    .tp_clear = (inquiry)replay_clear,
     .tp_call = (ternaryfunc)replay_call,
     .tp_doc = "Replay(recorder, table, torch.Tensor, torch.is_grad_enabled, STACK_LIMIT, FLUSH_ELEMENTS, hook, linear types, "
                "model)",
@@ -1117,7 +1162,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t, reduce() or the types change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 13
+#define KERNEL_VERSION 14
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");

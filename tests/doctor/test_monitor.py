@@ -1,9 +1,11 @@
 """Monitor in a training loop: bit-identical training, sampled statistics, findings and plots."""
 
 import copy
+import gc
 import io
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -623,6 +625,34 @@ def test_a_pass_like_the_last_one_gets_the_numbers_of_one_worked_out_afresh(monk
         assert sum(used.values()) >= (6 if every == 1 else 2), used
         assert used[9 if every == 1 else 10] is False  # (the first sample with the smaller batch)
         assert used.get(6) is True and used.get(11, True) is True  # (in eval mode; the second with the smaller one)
+
+
+@pytest.mark.parametrize("how", ["monitor", "check"])
+def test_a_watched_model_is_freed_once_the_user_lets_it_go(how):
+    """Nothing of a Monitor's or a check's keeps the model alive after it: a notebook that builds and watches model
+    after model gets its memory back (the kernel's Replay is among the hooks that hold the recorder)."""
+    alive = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+        x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        if how == "check":
+            nnvitals.check(model, x, y)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            with nnvitals.Monitor(model, every=1) as mon:
+                for _ in range(4):  # (the later passes are watched by the kernel's Replay, where it is built)
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    mon.step(loss)
+            assert mon.findings() is not None
+            del opt, mon, loss
+        alive.append(weakref.ref(model))
+        del model
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * 3
 
 
 class _Scaled(nn.Module):
