@@ -170,3 +170,18 @@ def test_peers_rounds_leave_no_monitor_hooks_on_the_other_watchers():
             run(19)
             assert not torch_module._global_forward_hooks
     assert [row["step"] for row in runs[2].watcher.monitor.history] == [0, 10, 20, 30]
+
+
+@pytest.mark.parametrize("args", [["--long", "25"], ["--every", "0"], ["--short", "50", "--long", "40"]])
+def test_instructions_refuses_a_span_that_is_not_whole_cycles(args):
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "instructions.py"), *args], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: --every must be positive") and len(done.stderr.splitlines()) == 1
+
+
+def test_instructions_runs_the_watched_loop_it_counts():
+    """The loop counted under valgrind, run as is: a few watched steps, with a sampled one, and exit 0."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "instructions.py"), "--loop", "10", "3", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
