@@ -70,6 +70,41 @@ int keep_grad(PyObject *out, PyObject *cell) {
     }
 }
 
+int same_shape(PyObject *t, PyObject *shape) {
+    if (!THPVariable_CheckExact(t) || !PyTuple_Check(shape)) return -1;
+    try {
+        const at::IntArrayRef sizes = THPVariable_Unpack(t).sizes();
+        if (static_cast<size_t>(PyTuple_GET_SIZE(shape)) != sizes.size()) return 0;
+        for (size_t i = 0; i < sizes.size(); i++) {
+            PyObject *size = PyTuple_GET_ITEM(shape, static_cast<Py_ssize_t>(i));
+            if (!PyLong_CheckExact(size)) return -1;
+            const long long n = PyLong_AsLongLong(size);
+            if (n == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return -1;
+            }
+            if (n != sizes[i]) return 0;
+        }
+        return 1;
+    } catch (...) { /* (symbolic sizes) */
+        return -1;
+    }
+}
+
+int64_t tensor_version(PyObject *t) {
+    if (!THPVariable_CheckExact(t)) return -1;
+    try {
+        return static_cast<int64_t>(THPVariable_Unpack(t)._version());
+    } catch (...) {
+        return -1;
+    }
+}
+
+int requires_grad(PyObject *t) {
+    if (!THPVariable_CheckExact(t)) return -1;
+    return THPVariable_Unpack(t).requires_grad() ? 1 : 0;
+}
+
 PyObject *keep_grad_py(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "keep_grad(output, cell: list)");
@@ -109,7 +144,8 @@ PyObject *state(PyObject *, PyObject *tensors) {
                                      static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
 }
 
-nnvitals_autograd_api api = {NNVITALS_AUTOGRAD_API_VERSION, address, keep_grad};
+nnvitals_autograd_api api = {NNVITALS_AUTOGRAD_API_VERSION, address, keep_grad, same_shape, tensor_version,
+                             requires_grad};
 
 PyMethodDef methods[] = {
     {"keep_grad", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(keep_grad_py)), METH_FASTCALL,

@@ -6,7 +6,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define NNVITALS_AUTOGRAD_API_VERSION 1
+#define NNVITALS_AUTOGRAD_API_VERSION 2
 
 typedef struct {
     int version; /* NNVITALS_AUTOGRAD_API_VERSION */
@@ -18,6 +18,12 @@ typedef struct {
      * 1 done; 0 where out is not a plain tensor with a grad_fn (the caller registers a Python hook); -1 with an
      * exception set. */
     int (*keep_grad)(PyObject *out, PyObject *cell);
+    /* What a replayed record reads of its output, as Tensor.shape == shape, Tensor._version and
+     * Tensor.requires_grad do: 1 or 0 (tensor_version: the version itself); -1 where t is not a plain tensor (or
+     * shape not a tuple of ints), which the caller then asks through Python; never an exception. */
+    int (*same_shape)(PyObject *t, PyObject *shape);
+    int64_t (*tensor_version)(PyObject *t);
+    int (*requires_grad)(PyObject *t);
 } nnvitals_autograd_api;
 
 #endif

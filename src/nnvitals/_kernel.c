@@ -523,6 +523,26 @@ static PyObject *field(PyObject *obj, PyObject *name) {
 #define REC(name) in_dict(self->fields, self->recorder, (name))
 #define SET_REC(name, value) PyDict_SetItem(self->fields, (name), (value))
 
+/* A tensor's version counter (Tensor._version) as a new reference, or NULL with an exception set. */
+static PyObject *version_of(PyObject *t) {
+    const int64_t v = torch_api != NULL ? torch_api->tensor_version(t) : -1;
+    return v >= 0 ? PyLong_FromLongLong(v) : PyObject_GetAttr(t, s_version);
+}
+
+/* Whether tensor t is still at version `then` (a Python int): 1 or 0, -1 with an exception set. */
+static int at_version(PyObject *t, PyObject *then) {
+    const int64_t v = torch_api != NULL ? torch_api->tensor_version(t) : -1;
+    if (v >= 0) {
+        const long long was = PyLong_AsLongLong(then);
+        return was == -1 && PyErr_Occurred() ? -1 : v == was;
+    }
+    PyObject *now = PyObject_GetAttr(t, s_version);
+    if (now == NULL) return -1;
+    const int same = PyObject_RichCompareBool(now, then, Py_EQ);
+    Py_DECREF(now);
+    return same;
+}
+
 /* A list autograd will append the output's gradient to, as probes._grad_cell makes it: a C++ hook on its grad_fn
  * where nnvitals._autograd lends one; else a hook in a new hooks dict of the output, registered with its grad_fn as
  * Tensor.register_hook does (without a handle), or register_hook itself where the output already has hooks. A new
@@ -632,12 +652,15 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     PyObject *spec = PyTuple_GET_ITEM(then, 1), *x_from = PyTuple_GET_ITEM(then, 3);
     PyObject *x = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
     producers = REC(s_producers);
-    shape = GET(out, s_shape);
-    PyObject *spec_shape = shape != NULL ? field(spec, s_shape) : NULL;
-    if (producers == NULL || spec_shape == NULL) goto done;
-    const int same_shape = PyObject_RichCompareBool(shape, spec_shape, Py_EQ);
-    Py_DECREF(spec_shape);
-    if (same_shape < 0) goto done;
+    shape = field(spec, s_shape); /* (the output's too, where they are the same) */
+    if (producers == NULL || shape == NULL) goto done;
+    int same_shape = torch_api != NULL ? torch_api->same_shape(out, shape) : -1;
+    if (same_shape < 0) {
+        PyObject *size = GET(out, s_shape);
+        same_shape = size != NULL ? PyObject_RichCompareBool(size, shape, Py_EQ) : -1;
+        Py_XDECREF(size);
+        if (same_shape < 0) goto done;
+    }
     enabled = PyObject_CallNoArgs(self->grad_enabled);
     if (enabled == NULL) goto done;
     prod = producer_of(producers, x);
@@ -673,7 +696,7 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     items = REC(s_entries);
     if (items == NULL || PyList_Append(items, then) < 0) goto done;
     Py_CLEAR(items);
-    version = GET(out, s_version);
+    version = version_of(out);
     PyObject *position = PyLong_FromSsize_t(index);
     if (version == NULL || position == NULL) {
         Py_XDECREF(position);
@@ -697,7 +720,8 @@ static int replay_keep(replay_t *self, PyObject *module, PyObject *args, PyObjec
     Py_XDECREF(made);
     Py_XDECREF(out_key);
     if (!failed) {
-        needs = GET(out, s_requires_grad);
+        const int lent_needs = torch_api != NULL ? torch_api->requires_grad(out) : -1;
+        needs = lent_needs >= 0 ? Py_NewRef(lent_needs ? Py_True : Py_False) : GET(out, s_requires_grad);
         failed = needs == NULL;
     }
     if (!failed && needs == Py_True) {
@@ -1092,10 +1116,7 @@ static PyObject *take_grads(PyObject *self, PyObject *const *args, Py_ssize_t na
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *cell = PyList_GET_ITEM(args[0], i);
         if (!PyList_Check(cell) || PyList_GET_SIZE(cell) != 1) Py_RETURN_NONE;
-        PyObject *version = PyObject_GetAttr(PyList_GET_ITEM(args[1], i), s_version);
-        if (version == NULL) return NULL;
-        const int same = PyObject_RichCompareBool(version, PyList_GET_ITEM(args[2], i), Py_EQ);
-        Py_DECREF(version);
+        const int same = at_version(PyList_GET_ITEM(args[1], i), PyList_GET_ITEM(args[2], i));
         if (same < 0) return NULL;
         if (!same) Py_RETURN_NONE;
     }
@@ -1125,10 +1146,7 @@ static PyObject *as_recorded(PyObject *self, PyObject *rows) {
         PyObject *row = PyList_GET_ITEM(rows, i);
         if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4 || PyTuple_GET_ITEM(row, 3) != Py_False)
             Py_RETURN_FALSE;
-        PyObject *version = PyObject_GetAttr(PyTuple_GET_ITEM(row, 1), s_version);
-        if (version == NULL) return NULL;
-        const int same = PyObject_RichCompareBool(version, PyTuple_GET_ITEM(row, 2), Py_EQ);
-        Py_DECREF(version);
+        const int same = at_version(PyTuple_GET_ITEM(row, 1), PyTuple_GET_ITEM(row, 2));
         if (same < 0) return NULL;
         if (!same) Py_RETURN_FALSE;
     }
@@ -1162,7 +1180,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 /* Bumped whenever item_t, reduce() or the types change: probes.py ignores a build left from another version. */
-#define KERNEL_VERSION 14
+#define KERNEL_VERSION 15
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     s_nbytes = PyUnicode_InternFromString("nbytes");

@@ -45,7 +45,7 @@ from torch.utils.hooks import RemovableHandle
 
 from nnvitals.numbers import DEAD_CUT, SATURATION_CUT
 
-KERNEL_VERSION = 14  # the item layout below and the kernel's types; a kernel built from another version is not used
+KERNEL_VERSION = 15  # the item layout below and the kernel's types; a kernel built from another version is not used
 try:  # the compiled CPU kernel (src/nnvitals/_kernel.c); where it was not built, torch ops do all the work
     from nnvitals import _kernel
 
