@@ -6,7 +6,8 @@ instructions, run after run. They are not time (a cache miss costs no instructio
 cold caches are a large part of its cost), but they tell whether a change made the CPU do less.
 
 Each configuration runs in its own process under callgrind twice, with WARMUP steps and then SHORT or LONG
-more; the difference over LONG - SHORT is the instructions of those steps alone (imports and set-up cancel).
+more; the difference over LONG - SHORT is the instructions of those steps alone (imports and set-up cancel; the
+garbage collector is off after the warm-up, as a collection would fall in one run's span and not the other's).
 `--src` runs another checkout's package (its compiled parts built in place, e.g. with
 `python setup.py build_ext --inplace` in a `git worktree`) instead of this one's, to compare revisions.
 
@@ -18,6 +19,7 @@ more; the difference over LONG - SHORT is the instructions of those steps alone 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -40,7 +42,10 @@ def loop(every: int, warmup: int, steps: int) -> None:
     if trainer.rounds is not None:
         trainer.rounds.begin()
     model, opt, monitor = trainer.model, trainer.opt, trainer.monitor
-    for _ in range(warmup + steps):
+    for step in range(warmup + steps):
+        if step == warmup:  # (a collection falls in one run's span and not the other's: none in the span)
+            gc.collect()
+            gc.disable()
         ix = torch.randint(0, len(trainer.X), (32,), generator=trainer.g)
         loss = torch.nn.functional.cross_entropy(model(trainer.X[ix]), trainer.Y[ix])
         opt.zero_grad(set_to_none=True)
