@@ -57,7 +57,8 @@ def loop(every: int, warmup: int, steps: int) -> None:
 
 def count(every: int, warmup: int, steps: int, src: str | None) -> int:
     """Instructions of one run of `loop` under callgrind."""
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    # (one thread everywhere: a BLAS library's idle worker threads spin for a number of instructions that varies)
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if src:
         env["PYTHONPATH"] = src
     with tempfile.TemporaryDirectory() as tmp:
