@@ -38,6 +38,15 @@ def run(steps, model, opt, g, data, targets, mon=None, loss_arg=True):
             mon.step(loss if loss_arg else None)
 
 
+def one_step(model, opt, x, y, mon):
+    """One optimizer step on (x, y) with cross-entropy, then the Monitor's step with the loss."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    mon.step(loss)
+
+
 def train(make, steps, monitor_every=None, lr=0.1, loss_arg=True):
     model, opt, g, data, targets = setup(make, lr)
     torch.manual_seed(5)
@@ -511,11 +520,7 @@ def test_each_step_is_recorded_as_its_own_route_took_it(replay):
         for route, batch in routes:
             model.route = route
             x, y = torch.randint(0, 27, (batch, 3), generator=g), torch.randint(0, 27, (batch,), generator=g)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(loss)
+            one_step(model, opt, x, y, mon)
             mon.pause()  # check's own pass is not one of the Monitor's
             steps.append(seen(mon.report()))
             assert steps[-1] == seen(nnvitals.check(model, x, y)), (route, batch)
@@ -608,11 +613,7 @@ def test_a_pass_like_the_last_one_gets_the_numbers_of_one_worked_out_afresh(monk
                     model[3].eval()
                 batch = 16 if step >= 9 else 32
                 x, y = torch.randint(0, 27, (batch, 3), generator=g), torch.randint(0, 27, (batch,), generator=g)
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                mon.step(loss)
+                one_step(model, opt, x, y, mon)
         monkeypatch.undo()
         return mon.history, [f.code for f in mon.findings()], used
 
