@@ -388,7 +388,8 @@ class Monitor:
                 self._arm()
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Call once after each optimizer step. On sampled steps this reads the statistics (one transfer)."""
+        """Call once after each optimizer step. On sampled steps this moves the statistics to the host (one
+        transfer; from a GPU without waiting for it: the numbers are waited for when read)."""
         if self.steps < self._quiet_to:  # most steps: neither sampled nor the one before a sampled one
             self.steps += 1
             return

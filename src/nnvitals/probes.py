@@ -1467,7 +1467,7 @@ class Recorder:
                 at = parts[0].device if parts else flags[0].device
                 parts.append(torch.stack([f.to(at) for f in flags]).float())
             device = parts[0].device if parts else None
-            host = torch.cat([p if p.device == device else p.to(device) for p in parts]).cpu().numpy() if parts \
+            host = _to_host(torch.cat([p if p.device == device else p.to(device) for p in parts])) if parts \
                 else np.zeros(0, np.float32)
         raw = self._raw_pass(host, grad_index, trainable, before is not None, lr, world)
         if self._learning and self._specs:
@@ -1481,8 +1481,8 @@ class Recorder:
             self.snapshot_params()
         return raw
 
-    def _raw_pass(self, host: np.ndarray, grad_index: list[int], t: _Trainable, updates: bool, lr: float | None,
-                  world: int) -> RawPass:
+    def _raw_pass(self, host: np.ndarray | _OnTheWay, grad_index: list[int], t: _Trainable, updates: bool,
+                  lr: float | None, world: int) -> RawPass:
         """The pass's RawPass: the numbers and what is needed to read them."""
         return RawPass(
             host=host, chunks=self._chunks, grads=grad_index,
@@ -1529,11 +1529,34 @@ class Recorder:
 
 
 @dataclass
+class _OnTheWay:
+    """A pass's numbers being copied from the GPU to the host behind the training step's own work."""
+
+    copy: torch.Tensor  # (in pinned host memory)
+    done: Any  # torch.cuda.Event, recorded after the copy
+
+    def arrived(self) -> np.ndarray:
+        self.done.synchronize()
+        return self.copy.numpy()
+
+
+def _to_host(block: torch.Tensor) -> np.ndarray | _OnTheWay:
+    """A pass's numbers on the host: from a GPU without waiting for it (the copy is queued after the pass's
+    own work and waited for only when the numbers are read), so a sampled step does not stall the loop."""
+    if block.device.type != "cuda":
+        return block.cpu().numpy()
+    copy = block.to("cpu", non_blocking=True)  # (torch puts it in pinned memory: no synchronisation)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(block.device))
+    return _OnTheWay(copy, done)
+
+
+@dataclass
 class RawPass:
 
     """One pass's numbers as they came off the device, and what is needed to read them."""
 
-    host: np.ndarray
+    host: np.ndarray | _OnTheWay
     chunks: list[tuple[list[_Spec], list[tuple[str, list[int]]]]]
     grads: list[int]  # the layers (indices in pass order) whose output gradient was reduced
     params: list[tuple[str, tuple[int, ...], str | None]]  # name, shape, module kind
@@ -1561,6 +1584,8 @@ class RawPass:
         return self._stats
 
     def _read(self) -> PassStats:
+        if isinstance(self.host, _OnTheWay):
+            self.host = self.host.arrived()
         host = self.host.astype(np.float64)
         layers: list[LayerStats] = []
         cursor = 0
