@@ -1433,7 +1433,7 @@ class Recorder:
             if self._finite_flags or self._grad_flags else []
         if self._inputs_finite is not None:
             flags.append(self._inputs_finite)
-        host: np.ndarray | None = None
+        host: np.ndarray | _OnTheWay | None = None
         if trainable.by_kernel and _on_cpu(self._outs) and _on_cpu(grad_list):
             steady = taken is not None and len(grad_index) == len(self._outs) == len(self._specs) \
                 and not (self._partials or self._stale or flags or self._learning) and world == 1
