@@ -16,11 +16,11 @@ limit() { local s=$1; shift; timeout "$s" "$@"; echo "[exit $? at ${SECONDS}s: $
     nvidia-smi -L
     $py -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
     rm -f src/nnvitals/_kernel.*.so src/nnvitals/_autograd.*.so
-    limit 150 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
-    limit 240 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+    limit 120 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
+    limit 180 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
     tail -3 "$OUT/build.log"
     $py -c "import nnvitals._kernel, nnvitals._autograd; print('compiled parts built')"
-    limit 150 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
-    limit 120 $py benchmarks/profile_step.py --device cuda --steps 20
-    limit 300 $py benchmarks/peers.py --device cuda --models "${@:-mlp}" --rounds 5 --mlp-steps 100
+    limit 120 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
+    limit 90 $py benchmarks/profile_step.py --device cuda --steps 20
+    limit 240 $py benchmarks/peers.py --device cuda --models "${@:-mlp}" --rounds 5 --mlp-steps 100
 } 2>&1 | grep -v '^USDT:' | tee "$OUT/log.txt"
