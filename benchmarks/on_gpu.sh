@@ -19,7 +19,7 @@ limit() { local s=$1; shift; timeout "$s" "$@"; echo "[exit $? at ${SECONDS}s: $
     limit 120 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
     limit 180 $py setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
     tail -3 "$OUT/build.log"
-    $py -c "import nnvitals._kernel, nnvitals._autograd; print('compiled parts built')"
+    $py -c "import torch, nnvitals._kernel, nnvitals._autograd; print('compiled parts built')"
     limit 120 $py -m pytest -p no:cacheprovider tests/doctor/test_cuda.py
     limit 90 $py benchmarks/profile_step.py --device cuda --steps 20
     limit 240 $py benchmarks/peers.py --device cuda --models "${@:-mlp}" --rounds 5 --mlp-steps 100
