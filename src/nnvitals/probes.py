@@ -809,6 +809,7 @@ class Recorder:
         self._learning = False
         self._trainable_now: tuple[Any, Any] = (None, None)  # the parameters' state last seen, its set
         self._steady: _Steady | None = None  # the last pass, where the next one can repeat it (see _collect_steady)
+        self._last: RawPass | None = None  # the last pass's numbers (see RawPass.sharing)
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
@@ -1484,7 +1485,7 @@ class Recorder:
     def _raw_pass(self, host: np.ndarray | _OnTheWay, grad_index: list[int], t: _Trainable, updates: bool,
                   lr: float | None, world: int) -> RawPass:
         """The pass's RawPass: the numbers and what is needed to read them."""
-        return RawPass(
+        self._last = RawPass(
             host=host, chunks=self._chunks, grads=grad_index,
             params=t.described, has_grad=list(map(operator.is_not, map(_GRAD, t.params), repeat(None))),
             weights=t.weights, updates_measured=updates, lr=lr,
@@ -1493,7 +1494,8 @@ class Recorder:
             inputs_checked=self._inputs_finite is not None, world=world, stale=self._stale,
             base=PassStats([], [], self._output_name, self._output_shape, list(self._output_params),
                            self._mode_events, self._bn_batches, self._bias_before_norm),
-        )
+        ).sharing(self._last)
+        return self._last
 
     def _collect_steady(self, steady: _Steady, before: Snapshot | None, lr: float | None, snapshot: bool
                         ) -> RawPass | None:
@@ -1578,6 +1580,17 @@ class RawPass:
         """Forget the saturation maps (a Monitor keeps them for the latest pass only)."""
         self.maps = None
 
+    def sharing(self, last: RawPass | None) -> RawPass:
+        """This pass, holding the last one's description (layers, parameters, ...) wherever it is the same: a
+        Monitor keeps up to thousands of passes, most of them alike but for their numbers, and every list that
+        each kept of its own would be more for Python's garbage collector to go through, again and again."""
+        if last is not None:
+            for name in _DESCRIPTION:
+                mine, theirs = getattr(self, name), getattr(last, name)
+                if mine is not theirs and mine == theirs:
+                    setattr(self, name, theirs)
+        return self
+
     def stats(self) -> PassStats:
         if self._stats is None:
             self._stats = self._read()
@@ -1661,6 +1674,11 @@ class RawPass:
                     by_name[name].sat_map = cells.cpu().numpy() if isinstance(cells, torch.Tensor) \
                         else cells[0][cells[1]:cells[1] + cells[2] * cells[3]].reshape(cells[2], cells[3])
         return result
+
+
+# What a RawPass says of its pass besides the numbers (none of it changed once made)
+_DESCRIPTION = ("chunks", "grads", "params", "has_grad", "weights", "finite_flags", "grad_flags", "consumers", "stale",
+                "base")
 
 
 def _mean_std(total: float, squares: float, count: int) -> tuple[float, float]:

@@ -628,6 +628,28 @@ def test_a_pass_like_the_last_one_gets_the_numbers_of_one_worked_out_afresh(monk
         assert used.get(6) is True and used.get(11, True) is True  # (in eval mode; the second with the smaller one)
 
 
+def test_the_passes_a_monitor_keeps_give_the_garbage_collector_little_to_go_through():
+    """A Monitor keeps up to thousands of sampled passes. Each one's own lists and objects would be more for
+    Python's cyclic garbage collector to go through, and full collections of a process with torch loaded take
+    tenths of a second: passes that differ only in their numbers share everything else."""
+    model, x, y = M.healthy_deep_tanh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with nnvitals.Monitor(model, every=1) as mon:
+        for _ in range(5):
+            one_step(model, opt, x, y, mon)
+        gc.collect()
+        before = {id(o) for o in gc.get_objects()}
+        for _ in range(40):
+            one_step(model, opt, x, y, mon)
+        gc.collect()
+        kept = [o for o in gc.get_objects() if id(o) not in before]
+    # per pass: the pass, its entry in the history, the loss; then and again a list (17 each before they shared)
+    assert len(kept) / 40 < 5, sorted({type(o).__name__ for o in kept})
+    rows = mon.history
+    assert len(rows) == 45 and rows[-1]["loss"] < rows[5]["loss"]
+    assert rows[5]["layers"] != rows[-1]["layers"]  # the numbers are each pass's own
+
+
 @pytest.mark.parametrize("how", ["monitor", "check"])
 def test_a_watched_model_is_freed_once_the_user_lets_it_go(how):
     """Nothing of a Monitor's or a check's keeps the model alive after it: a notebook that builds and watches model
