@@ -185,3 +185,10 @@ def test_instructions_runs_the_watched_loop_it_counts():
     done = subprocess.run([sys.executable, str(SCRIPT.parent / "instructions.py"), "--loop", "10", "3", "10"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_gc_cost_refuses_runs_too_short_to_see_a_collection():
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "gc_cost.py"), "--steps", "50"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: --steps must be at least 1000")
