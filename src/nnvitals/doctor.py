@@ -329,7 +329,7 @@ class Monitor:
     def _arm(self, before: Snapshot | None = None) -> None:
         """Attach the hooks for a sampled step and see that the weights are copied before its update (`before`:
         that copy, already taken), else detach."""
-        if self.sampled(self.steps):
+        if self.steps % self.every == 0:  # (sampled(), inline: this runs on every step that arms or disarms)
             self._recorder.attach()
             self._before = before
             if before is None:
@@ -362,7 +362,7 @@ class Monitor:
         if self._stepped:
             return
         ours = self._recorder.param_names  # (by id; the model's optimizer usually holds its first one first)
-        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+        if any(any(map(ours.__contains__, map(id, group["params"]))) for group in optimizer.param_groups):
             self._stepped = True
             if self._before is None:
                 self._before = self._recorder.snapshot_params()
@@ -398,7 +398,7 @@ class Monitor:
         recorder = self._recorder
         before = None  # the weights' copy for the next step, when that one is sampled too
         if recorder.attached and self.steps % self.every == 0:
-            next_sampled = self.sampled(self.steps + 1)
+            next_sampled = (self.steps + 1) % self.every == 0
             raw = recorder.collect(before=self._before, snapshot=next_sampled)
             if self._watching_optimizers:  # learned: where to copy the weights for the next sample
                 self._late_copy = self._stepped

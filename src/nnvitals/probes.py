@@ -798,6 +798,7 @@ class Recorder:
                              for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
         self.found_functions = False
         self._hooks_on: HookSet | None = None  # the hooks attached now
+        self.attached = False  # whether they are in place (an attribute: a Monitor asks on every step it arms)
         self._watcher: _FunctionWatcher | None = None
         self._stack: list[nn.Module] = []
         self._cache: dict[Any, Any] = {}
@@ -813,10 +814,6 @@ class Recorder:
         self._reset()
 
     # -- attaching -------------------------------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return self._hooks_on is not None
-
     def attach(self) -> None:
         if self.attached:
             return
@@ -838,6 +835,7 @@ class Recorder:
         if hooks_key in self._cache:
             self._hooks_on = self._cache[hooks_key]
             self._hooks_on.insert()
+            self.attached = True
             return
         handles = []
         if before is not None:
@@ -857,6 +855,7 @@ class Recorder:
             handles.append(register_module_forward_hook(hook, always_call=True))
             handles.append(self.model.register_forward_hook(self._root_post, with_kwargs=True, always_call=True))
         self._hooks_on = self._cache[hooks_key] = HookSet(handles)
+        self.attached = True
 
     def _hooks(self, track_stack: bool, replay: Any
                ) -> tuple[Callable[..., None], Callable[..., None] | None, bool, Any]:
@@ -916,10 +915,12 @@ class Recorder:
         return hook, None, True, None
 
     def detach(self) -> None:
+        self.attached = False
         if self._hooks_on is not None:
             self._hooks_on.remove()
             self._hooks_on = None
-        self._exit_watcher()
+        if self._watcher is not None:
+            self._exit_watcher()
         self._stack.clear()
 
     def _exit_watcher(self) -> None:
@@ -1505,14 +1506,17 @@ class Recorder:
         t = self._trainable()
         n = steady.count
         updates = before is not None and before.trainable is t and before.block is not None
-        if self._template is not steady.entries or t is not steady.trainable or updates != steady.updates \
+        if _kernel is None or self._template is not steady.entries or t is not steady.trainable \
+                or updates != steady.updates \
                 or (snapshot and bool(t.w)) != steady.copy or self._matched != n or len(self._specs) != n \
                 or len(self._outs) != n or len(self._grad_at) != n or self._partials or self._stale \
                 or self._grad_hooked or self._finite_flags or self._grad_flags or self._learning \
-                or self._inputs_finite is not None or world_size() != 1 or not _on_cpu(self._outs) \
-                or (self._unprotected and not _as_recorded(self._unprotected)):
+                or self._inputs_finite is not None or (_DISTRIBUTED and torch.distributed.is_initialized()) \
+                or not all(map(_IS_CPU, self._outs)) \
+                or (self._unprotected and not _kernel.as_recorded(self._unprotected)):
             return None
-        grads = _take_grads(self._grad_cells, self._grad_outs, self._grad_versions)
+        # (the kernel is built: a steady pass is one that it reduced; its functions called without their wrappers)
+        grads = _kernel.take_grads(self._grad_cells, self._grad_outs, self._grad_versions)
         if grads is None:
             return None
         outs = self._outs
