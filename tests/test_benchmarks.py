@@ -192,3 +192,20 @@ def test_gc_cost_refuses_runs_too_short_to_see_a_collection():
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: --steps must be at least 1000")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_profile_step_refuses_a_gpu_that_is_not_there():
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_step.py"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("error: --device cuda needs a CUDA GPU")
+
+
+def test_profile_step_shows_what_a_watched_step_adds():
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_step.py"), "--steps", "3", "--top", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("plain", "Monitor(every=1)"))]
+    assert [row[0] for row in rows] == ["plain", "Monitor(every=1)"]
+    assert all(float(row[1]) > 0 for row in rows)  # ms a step
+    assert "Operators the watched step adds" in done.stdout
