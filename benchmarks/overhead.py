@@ -57,6 +57,11 @@ def deep_net(batchnorm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def lesson_model(batchnorm: bool = True) -> nn.Sequential:
+    """The lesson's network whole: the character embedding, flattened, then deep_net."""
+    return nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm))
+
+
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (4096, CONTEXT), generator=g), torch.randint(0, VOCAB, (4096,), generator=g)
@@ -95,7 +100,7 @@ class Trainer:
 
         self.probes, self.kernel = probes, probes._kernel if kernel else None
 
-        self.model = nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm))
+        self.model = lesson_model(batchnorm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.X, self.Y = data()
         self.g = torch.Generator().manual_seed(2)

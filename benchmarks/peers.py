@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import BATCH, EMBED, VOCAB, OwnRounds, data, deep_net, typical_step  # noqa: E402
+from overhead import BATCH, OwnRounds, data, lesson_model, typical_step  # noqa: E402
 
 LM_VOCAB, LM_CONTEXT, LM_WIDTH, LM_LAYERS, LM_HEADS, LM_BATCH = 65, 64, 128, 4, 4, 32
 HIST_BINS = 64
@@ -89,7 +89,7 @@ class CharLM(nn.Module):
 
 def mlp_task(device: str) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[torch.Generator], Any]]:
     torch.manual_seed(0)  # every configuration's MLP starts from the same weights
-    model = nn.Sequential(nn.Embedding(VOCAB, EMBED), nn.Flatten(), deep_net(batchnorm=True)).to(device)
+    model = lesson_model().to(device)
     x, y = (t.to(device) for t in data())
 
     def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
