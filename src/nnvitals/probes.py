@@ -1506,17 +1506,14 @@ class Recorder:
         t = self._trainable()
         n = steady.count
         updates = before is not None and before.trainable is t and before.block is not None
-        if _kernel is None or self._template is not steady.entries or t is not steady.trainable \
-                or updates != steady.updates \
+        if self._template is not steady.entries or t is not steady.trainable or updates != steady.updates \
                 or (snapshot and bool(t.w)) != steady.copy or self._matched != n or len(self._specs) != n \
                 or len(self._outs) != n or len(self._grad_at) != n or self._partials or self._stale \
                 or self._grad_hooked or self._finite_flags or self._grad_flags or self._learning \
-                or self._inputs_finite is not None or (_DISTRIBUTED and torch.distributed.is_initialized()) \
-                or not all(map(_IS_CPU, self._outs)) \
-                or (self._unprotected and not _kernel.as_recorded(self._unprotected)):
+                or self._inputs_finite is not None or world_size() != 1 or not _on_cpu(self._outs) \
+                or (self._unprotected and not _as_recorded(self._unprotected)):
             return None
-        # (the kernel is built: a steady pass is one that it reduced; its functions called without their wrappers)
-        grads = _kernel.take_grads(self._grad_cells, self._grad_outs, self._grad_versions)
+        grads = _take_grads(self._grad_cells, self._grad_outs, self._grad_versions)
         if grads is None:
             return None
         outs = self._outs
